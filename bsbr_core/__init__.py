@@ -2,6 +2,13 @@
 
 Public API (DESIGN.md section 2). Never imports Ray or `serve`.
 """
-from bsbr_core.config import ModelConfig
+from bsbr_core.compat import BSBRAttention, BSBRLayer, BSBRModel
+from bsbr_core.config import ARCHS, ModelConfig
+from bsbr_core.io import load_config, load_model, save_model
+from bsbr_core.model import DocumentClassifier, build_model
+from bsbr_core.state import State, StateError
 
-__all__ = ["ModelConfig"]
+__all__ = [
+    "ARCHS", "BSBRAttention", "BSBRLayer", "BSBRModel", "DocumentClassifier", "ModelConfig", "State",
+    "StateError", "build_model", "load_config", "load_model", "save_model",
+]

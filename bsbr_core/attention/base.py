@@ -1,0 +1,91 @@
+"""Shared frame of every attention mechanism: projections, RoPE, chunk padding.
+
+Each mechanism subclasses `Attention` and implements
+- `attend(q, k, v, x, pos0, mask, state, commit)`: the parallel form over a
+  piece that starts at absolute position pos0 (a multiple of the chunk size)
+  given the state carried from earlier pieces. One-shot inference is this
+  with state=None over the whole sequence; streaming is the same over each
+  piece, so both run the same code.
+- `naive(q, k, v, x, mask)`: an obviously-correct, slow reference over a
+  whole sequence, used only by tests.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bsbr_core.config import ModelConfig
+from bsbr_core.rope import apply_rope, rope_cos_sin
+
+
+def pad_len(n: int, block: int) -> int:
+    return (-n) % block
+
+
+def pad_seq(t: torch.Tensor, pad: int, dim: int = -2, value: float = 0.0) -> torch.Tensor:
+    """Right-pad t along `dim` by `pad` entries."""
+    if pad == 0:
+        return t.contiguous()
+    shape = list(t.shape)
+    shape[dim] = pad
+    return torch.cat([t, t.new_full(shape, value)], dim=dim)
+
+
+def valid_mask(mask: torch.Tensor | None, b: int, n: int, device) -> torch.Tensor:
+    """(b, n) bool: True for real tokens."""
+    if mask is None:
+        return torch.ones(b, n, dtype=torch.bool, device=device)
+    return mask.to(torch.bool)
+
+
+def nonempty_keys(key_ok: torch.Tensor) -> torch.Tensor:
+    """Where a query would see no key at all (a block that is all padding),
+    let it see every key: its output is discarded, and this avoids NaN."""
+    return key_ok | ~key_ok.any(dim=-1, keepdim=True)
+
+
+class Attention(nn.Module):
+    """Multi-head attention frame: x (b, n, D) -> (b, n, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
+        self.chunk_size = cfg.block_size
+        self.qkv = nn.Linear(cfg.hidden_dim, 3 * cfg.hidden_dim)
+        self.out = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+
+    def forward(self, x, pos0: int = 0, mask=None, state=None, commit: bool = True, impl: str = "fast"):
+        """x (b, n, D) normalised layer input; mask (b, n) bool or None.
+
+        Returns (y (b, n, D), new layer state; the old one if not commit).
+        """
+        b, n, _ = x.shape
+        H, d = self.num_heads, self.head_dim
+        q, k, v = self.qkv(x).view(b, n, 3, H, d).permute(2, 0, 3, 1, 4)  # each (b, H, n, d)
+        cos, sin = rope_cos_sin(pos0, n, d, self.cfg.rope_base, x.device)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if impl == "naive":
+            if state is not None or pos0 != 0:
+                raise ValueError("the naive reference runs over a whole sequence only")
+            o, new_state = self.naive(q, k, v, x, mask), None
+        elif impl == "fast":
+            o, new_state = self.attend(q, k, v, x, pos0, mask, state, commit)
+        else:
+            raise ValueError(f"unknown impl {impl!r}")
+        y = self.out(o.transpose(1, 2).reshape(b, n, H * d))
+        return y, new_state
+
+    def attend(self, q, k, v, x, pos0, mask, state, commit):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def naive(self, q, k, v, x, mask):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def sdpa(self, q, k, v, attn_mask=None):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)

@@ -1,0 +1,258 @@
+"""Encoder classifier over any mechanism (DESIGN.md 1.3) and its streaming step.
+
+    ids -> embedding -> L x [x + Attn(LN(x)); x + FFN(LN(x))] -> LN -> masked mean -> linear -> logits
+
+Every mechanism is block-causal across chunks (a token never depends on a
+later chunk), so reading a document in pieces that commit whole chunks, and
+treating the unfinished chunk as the document's end for the running
+prediction, gives exactly the one-shot logits (DESIGN.md 1.4).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bsbr_core.attention import MECHANISMS
+from bsbr_core.config import ModelConfig
+from bsbr_core.state import AppendLog, State, StateError
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.hidden_dim, cfg.ff_dim)
+        self.down = nn.Linear(cfg.ff_dim, cfg.hidden_dim)
+
+    def forward(self, x):
+        return self.down(F.gelu(self.up(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block around one attention mechanism."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(cfg.hidden_dim)
+        self.attn = MECHANISMS[cfg.arch](cfg)
+        self.norm_ff = nn.LayerNorm(cfg.hidden_dim)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, pos0=0, mask=None, state=None, commit=True, impl="fast"):
+        a, state = self.attn(self.norm_attn(x), pos0, mask, state, commit, impl)
+        x = x + self.drop(a)
+        x = x + self.drop(self.ff(self.norm_ff(x)))
+        return x, state
+
+
+class Encoder(nn.Module):
+    """Token ids (b, n) -> final-normalised hidden states (b, n, D)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = nn.LayerNorm(cfg.hidden_dim)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, ids, pos0=0, mask=None, layer_states=None, commit=True, impl="fast"):
+        x = self.drop(self.embed(ids))
+        new_states = []
+        for i, block in enumerate(self.blocks):
+            x, st = block(x, pos0, mask, None if layer_states is None else layer_states[i], commit, impl)
+            new_states.append(st)
+        return self.norm(x), new_states
+
+
+def _check_right_padded(mask: torch.Tensor) -> None:
+    lengths = mask.sum(1, keepdim=True)
+    expected = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths
+    if not torch.equal(mask, expected):
+        raise ValueError("attention_mask must be right-padded: 1s for real tokens, then 0s")
+
+
+class DocumentClassifier(nn.Module):
+    """Encoder + masked mean pooling + linear head; readable whole or in pieces."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.head = nn.Linear(cfg.hidden_dim, cfg.num_labels)
+        self.apply(self._init_weights)
+        self.fingerprint = hashlib.sha256(cfg.to_json().encode()).hexdigest()[:16]
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def _segment(self) -> int:
+        B = self.config.block_size
+        return max(B, self.config.segment_tokens // B * B)
+
+    # --- one-shot ----------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, impl: str = "fast"):
+        """input_ids (b, n) long, attention_mask (b, n) right-padded -> logits (b, num_labels).
+
+        Without autograd, long inputs run segment by segment through the
+        streaming state, so activation memory stays bounded by the segment.
+        """
+        cfg = self.config
+        if cfg.max_length is not None:
+            input_ids = input_ids[:, : cfg.max_length]
+            attention_mask = None if attention_mask is None else attention_mask[:, : cfg.max_length]
+        b, n = input_ids.shape
+        if attention_mask is None:
+            mask = torch.ones(b, n, dtype=torch.bool, device=input_ids.device)
+        else:
+            mask = attention_mask.to(torch.bool)
+            _check_right_padded(mask)
+        seg = self._segment
+        weights = mask.to(torch.float32)[..., None]
+        if impl == "naive" or torch.is_grad_enabled() or n <= seg:
+            h, _ = self.encoder(input_ids, 0, None if bool(mask.all()) else mask, None, False, impl)
+            pooled_sum = (h * weights).sum(1)
+        else:
+            layers, pooled_sum = None, 0.0
+            for s in range(0, n, seg):
+                m = mask[:, s : s + seg]
+                h, layers = self.encoder(input_ids[:, s : s + seg], s, None if bool(m.all()) else m, layers, True)
+                pooled_sum = pooled_sum + (h * weights[:, s : s + seg]).sum(1)
+        return self.head(pooled_sum / mask.sum(1, keepdim=True).clamp(min=1))
+
+    # --- streaming ---------------------------------------------------------
+
+    def init_state(self, batch_size: int = 1) -> State:
+        return State(
+            arch=self.config.arch, fingerprint=self.fingerprint, num_tokens=0, committed=0,
+            pending_ids=torch.zeros(batch_size, 0, dtype=torch.long, device=self.device),
+            pool_sum=torch.zeros(batch_size, self.config.hidden_dim, device=self.device),
+            layers=[],
+        )
+
+    def check_state(self, state: State) -> None:
+        if not isinstance(state, State):
+            raise StateError(f"expected a State, got {type(state).__name__}")
+        if state.arch != self.config.arch or state.fingerprint != self.fingerprint:
+            raise StateError(
+                f"state was made by another model (arch {state.arch}, fingerprint {state.fingerprint}); "
+                f"this model is {self.config.arch} {self.fingerprint}"
+            )
+
+    @torch.no_grad()
+    def step(self, piece_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Read the next piece (b, m >= 0) of each document; return the running
+        logits (b, num_labels) and a new State (the given one stays valid)."""
+        self.check_state(state)
+        cfg = self.config
+        piece_ids = torch.as_tensor(piece_ids, dtype=torch.long)
+        if piece_ids.dim() == 1:
+            piece_ids = piece_ids[None]
+        if piece_ids.shape[0] != state.batch_size:
+            raise ValueError(f"piece batch {piece_ids.shape[0]} != state batch {state.batch_size}")
+        if piece_ids.numel() and (int(piece_ids.min()) < 0 or int(piece_ids.max()) >= cfg.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+        if state.pending_ids.device != self.device:
+            state = state.to(self.device)
+        piece_ids = piece_ids.to(self.device)
+        num_tokens = state.num_tokens + piece_ids.shape[1]
+        if cfg.max_length is not None:
+            room = max(0, cfg.max_length - state.committed - state.pending_ids.shape[1])
+            piece_ids = piece_ids[:, :room]
+        ids = torch.cat([state.pending_ids, piece_ids], dim=1)
+        Bk = cfg.block_size
+        n_commit = ids.shape[1] // Bk * Bk
+        layers = state.layers or None
+        pool_sum = state.pool_sum
+        seg = self._segment
+        for s in range(0, n_commit, seg):
+            e = min(s + seg, n_commit)
+            h, layers = self.encoder(ids[:, s:e], state.committed + s, None, layers, True)
+            pool_sum = pool_sum + h.sum(1)
+        committed = state.committed + n_commit
+        tail = ids[:, n_commit:]
+        total, count = pool_sum, committed
+        if tail.shape[1]:
+            h, _ = self.encoder(tail, committed, None, layers, False)
+            total, count = total + h.sum(1), count + tail.shape[1]
+        logits = self.head(total / max(count, 1))
+        new_state = State(cfg.arch, self.fingerprint, num_tokens, committed, tail, pool_sum, layers or [])
+        return logits, new_state
+
+    @torch.no_grad()
+    def step_many(self, pieces: list[torch.Tensor], states: list[State]) -> list[tuple[torch.Tensor, State]]:
+        """step() for several independent documents at once.
+
+        Documents whose states and pieces line up (same committed and pending
+        lengths, same piece length) run as one batch; the others run alone.
+        Results equal step() on each, in order.
+        """
+        if len(pieces) != len(states):
+            raise ValueError("pieces and states differ in number")
+        pieces = [torch.as_tensor(p, dtype=torch.long).reshape(1, -1) for p in pieces]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, (p, s) in enumerate(zip(pieces, states)):
+            self.check_state(s)
+            if s.batch_size != 1:
+                raise ValueError("step_many takes single-document states")
+            groups[(s.num_tokens, s.committed, s.pending_ids.shape[1], p.shape[1])].append(i)
+        out: list = [None] * len(pieces)
+        for idx in groups.values():
+            if len(idx) == 1:
+                out[idx[0]] = self.step(pieces[idx[0]], states[idx[0]])
+                continue
+            logits, st = self.step(torch.cat([pieces[i] for i in idx]), stack_states([states[i] for i in idx]))
+            for row, i in enumerate(idx):
+                out[i] = (logits[row : row + 1], select_state(st, row))
+        return out
+
+
+def stack_states(states: list[State]) -> State:
+    """Concatenate aligned single-document states into one batch state."""
+    first = states[0]
+    layers = []
+    for li, layer in enumerate(first.layers):
+        merged = {}
+        for name, value in layer.items():
+            if isinstance(value, AppendLog):
+                views = [s.layers[li][name].view for s in states]
+                merged[name] = AppendLog.empty(value.dim) if views[0] is None else AppendLog.from_tensor(torch.cat(views), value.dim)
+            else:
+                merged[name] = torch.cat([s.layers[li][name] for s in states])
+        layers.append(merged)
+    return State(
+        first.arch, first.fingerprint, first.num_tokens, first.committed,
+        torch.cat([s.pending_ids for s in states]), torch.cat([s.pool_sum for s in states]), layers,
+    )
+
+
+def select_state(state: State, row: int) -> State:
+    """Row `row` of a batch state as a single-document state (its own copy)."""
+    def pick(v):
+        if isinstance(v, AppendLog):
+            t = v.view
+            return AppendLog.empty(v.dim) if t is None else AppendLog.from_tensor(t[row : row + 1].clone(), v.dim)
+        return v[row : row + 1].clone()
+
+    return State(
+        state.arch, state.fingerprint, state.num_tokens, state.committed,
+        state.pending_ids[row : row + 1].clone(), state.pool_sum[row : row + 1].clone(),
+        [{k: pick(v) for k, v in layer.items()} for layer in state.layers],
+    )
+
+
+def build_model(cfg: ModelConfig) -> DocumentClassifier:
+    return DocumentClassifier(cfg)
