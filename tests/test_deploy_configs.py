@@ -1,0 +1,245 @@
+"""deploy/serve_config*.yaml and deploy/kuberay/rayservice.yaml, checked with
+the schemas their consumers use: Ray's ServeDeploySchema (plus a walk for keys
+it would silently ignore), serve.config.AppConfig for the application's args,
+Kubernetes' own JSON schemas (kubernetes-validate) for the pod templates, and
+the field lists of KubeRay's ray.io/v1 and the Prometheus Operator's
+monitoring.coreos.com/v1 types for the custom resources around them.
+
+The CPU profile is also run for real: tests/test_deploy_serve_run.py.
+"""
+from __future__ import annotations
+
+import pytest
+import yaml
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import ServeDeploySchema
+from ray.util import accelerators
+
+from deploy_helpers import DEPLOY, SERVE_CONFIGS, load_yaml, unknown_keys
+from serve.config import AppConfig
+
+# Kubernetes versions the pod templates are validated against: an older one
+# still widely run and the newest kubernetes-validate knows.
+K8S_VERSIONS = ("1.29", "latest")
+
+RAYSERVICE = DEPLOY / "kuberay" / "rayservice.yaml"
+
+# Fields of KubeRay's ray.io/v1 types (ray-operator/apis/ray/v1/*_types.go).
+# Unknown fields are pruned by the API server without an error, so a typo
+# would deploy a cluster that silently lacks the setting.
+KUBERAY_FIELDS = {
+    "RayServiceSpec": {
+        "serveConfigV2", "rayClusterConfig", "serveService", "excludeHeadPodFromServeSvc",
+        "upgradeStrategy", "rayClusterDeletionDelaySeconds",
+        "serviceUnhealthySecondThreshold", "deploymentUnhealthySecondThreshold",
+    },
+    "RayClusterSpec": {
+        "headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
+        "autoscalerOptions", "headServiceAnnotations", "suspend", "gcsFaultToleranceOptions",
+        "managedBy", "authOptions",
+    },
+    "HeadGroupSpec": {
+        "serviceType", "headService", "enableIngress", "rayStartParams", "template", "resources", "labels",
+    },
+    "WorkerGroupSpec": {
+        "groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams",
+        "template", "scaleStrategy", "suspend", "idleTimeoutSeconds", "resources", "labels",
+    },
+    "AutoscalerOptions": {
+        "resources", "image", "imagePullPolicy", "env", "envFrom", "volumeMounts",
+        "securityContext", "idleTimeoutSeconds", "upscalingMode", "version",
+    },
+}
+# monitoring.coreos.com/v1 PodMonitor (the fields this repository may use).
+PODMONITOR_FIELDS = {
+    "spec": {
+        "jobLabel", "podTargetLabels", "podMetricsEndpoints", "selector", "namespaceSelector",
+        "sampleLimit", "targetLimit", "labelLimit", "attachMetadata",
+    },
+    "endpoint": {
+        "port", "portNumber", "targetPort", "path", "scheme", "params", "interval", "scrapeTimeout",
+        "honorLabels", "honorTimestamps", "relabelings", "metricRelabelings", "enableHttp2",
+        "followRedirects", "filterRunning",
+    },
+    "relabeling": {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement", "action"},
+}
+
+
+# ---------------------------------------------------------------- Serve config
+
+
+@pytest.fixture(params=sorted(SERVE_CONFIGS), ids=lambda p: f"profile={p}")
+def profile(request):
+    return request.param
+
+
+def _app(raw: dict) -> dict:
+    (app,) = raw["applications"]
+    return app
+
+
+def _deployments(raw: dict) -> dict[str, dict]:
+    return {d["name"]: d for d in _app(raw)["deployments"]}
+
+
+def test_serve_config_validates_with_rays_schema(profile):
+    raw = load_yaml(SERVE_CONFIGS[profile])
+    schema = ServeDeploySchema.model_validate(raw)
+    assert unknown_keys(ServeDeploySchema, raw) == [], "keys Ray would silently ignore"
+    (app,) = schema.applications
+    assert app.import_path == "serve.app:build_app"
+    for d in app.deployments:
+        if "autoscaling_config" in d.model_fields_set:
+            AutoscalingConfig(**d.autoscaling_config)  # Serve validates the dict only at deploy time
+            assert "num_replicas" not in d.model_fields_set, "Serve rejects both at once"
+
+
+def test_serve_config_args_are_the_apps_config(profile):
+    raw = load_yaml(SERVE_CONFIGS[profile])
+    cfg = AppConfig.model_validate(_app(raw)["args"])  # extra="forbid": typos fail here
+    names = [m.name for m in cfg.models]
+    assert names[:2] == ["bsbr", "standard"]
+    # Every deployment override names a deployment the app builds: `api`
+    # (the ingress) or a model. Serve rejects unknown names only at deploy time.
+    assert set(_deployments(raw)) == {"api", *names}
+    assert cfg.sessions.store == "ray_actor", "sessions must survive replica loss"
+    std = next(m for m in cfg.models if m.name == "standard")
+    assert std.max_tokens == 32768
+
+
+def test_bsbr_autoscales_in_both_profiles(profile):
+    bsbr = _deployments(load_yaml(SERVE_CONFIGS[profile]))["bsbr"]
+    auto = AutoscalingConfig(**bsbr["autoscaling_config"])
+    assert 1 <= auto.min_replicas < auto.max_replicas
+    assert "num_replicas" not in bsbr
+
+
+def test_gpu_profile_puts_each_model_replica_on_one_a100():
+    raw = load_yaml(SERVE_CONFIGS["gpu"])
+    cfg = AppConfig.model_validate(_app(raw)["args"])
+    deps = _deployments(raw)
+    for m in cfg.models:
+        opts = deps[m.name]["ray_actor_options"]
+        assert opts["num_gpus"] == 1
+        assert opts["accelerator_type"] == accelerators.NVIDIA_A100
+        assert m.device == "cuda"
+        assert m.path.startswith("/app/models/"), "the image's models (Dockerfile)"
+    assert "num_gpus" not in deps["api"]["ray_actor_options"]
+    assert raw["http_options"]["host"] == "0.0.0.0"
+
+
+def test_cpu_profile_needs_no_gpu_and_fits_two_cores():
+    raw = load_yaml(SERVE_CONFIGS["cpu"])
+    cfg = AppConfig.model_validate(_app(raw)["args"])
+    deps = _deployments(raw)
+    assert all(m.device == "cpu" for m in cfg.models)
+    cpus = 0.0
+    for name, d in deps.items():
+        opts = d.get("ray_actor_options", {})
+        assert not opts.get("num_gpus") and "accelerator_type" not in opts, name
+        low = d["autoscaling_config"]["min_replicas"] if "autoscaling_config" in d else d.get("num_replicas", 1)
+        cpus += low * opts.get("num_cpus", 1)
+    assert cpus <= 2, f"the CPU profile's minimum needs {cpus} CPUs"
+
+
+# -------------------------------------------------------------------- KubeRay
+
+
+def _kuberay_docs() -> dict[str, dict]:
+    with open(RAYSERVICE) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kinds = [d["kind"] for d in docs]
+    assert sorted(kinds) == ["PodMonitor", "RayService"], kinds
+    return {d["kind"]: d for d in docs}
+
+
+def _assert_known(obj: dict, allowed: set[str], what: str) -> None:
+    extra = set(obj) - allowed
+    assert not extra, f"{what}: fields KubeRay/Prometheus Operator do not define: {sorted(extra)}"
+
+
+def _pod_templates(rs: dict) -> dict[str, dict]:
+    rc = rs["spec"]["rayClusterConfig"]
+    out = {"head": rc["headGroupSpec"]["template"]}
+    out.update({g["groupName"]: g["template"] for g in rc["workerGroupSpecs"]})
+    return out
+
+
+def test_rayservice_structure_matches_kuberay_types():
+    rs = _kuberay_docs()["RayService"]
+    assert rs["apiVersion"] == "ray.io/v1"
+    spec = rs["spec"]
+    _assert_known(spec, KUBERAY_FIELDS["RayServiceSpec"], "spec")
+    rc = spec["rayClusterConfig"]
+    _assert_known(rc, KUBERAY_FIELDS["RayClusterSpec"], "rayClusterConfig")
+    _assert_known(rc["headGroupSpec"], KUBERAY_FIELDS["HeadGroupSpec"], "headGroupSpec")
+    _assert_known(rc.get("autoscalerOptions", {}), KUBERAY_FIELDS["AutoscalerOptions"], "autoscalerOptions")
+    for g in rc["workerGroupSpecs"]:
+        _assert_known(g, KUBERAY_FIELDS["WorkerGroupSpec"], f"workerGroupSpecs[{g['groupName']}]")
+        assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    # rayStartParams is map[string]string: an unquoted number fails in the API server.
+    for params in [rc["headGroupSpec"]["rayStartParams"]] + [g["rayStartParams"] for g in rc["workerGroupSpecs"]]:
+        assert all(isinstance(v, str) for v in params.values()), params
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_rayservice_pod_templates_validate_against_kubernetes_schemas(k8s_version):
+    import kubernetes_validate
+
+    version = kubernetes_validate.utils.latest_version() if k8s_version == "latest" else k8s_version
+    for group, template in _pod_templates(_kuberay_docs()["RayService"]).items():
+        pod_template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": group}, "template": template}
+        try:
+            kubernetes_validate.validate(pod_template, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{group} pod template, Kubernetes {version}: {e.message} at {list(e.path)}")
+
+
+def test_rayservice_embeds_the_gpu_serve_config():
+    rs = _kuberay_docs()["RayService"]
+    inline = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(inline)
+    assert unknown_keys(ServeDeploySchema, inline) == []
+    AppConfig.model_validate(_app(inline)["args"])
+    assert inline == load_yaml(SERVE_CONFIGS["gpu"]), "serveConfigV2 drifted from deploy/serve_config.yaml"
+
+
+def test_rayservice_gpu_group_gets_a100_nodes():
+    rs = _kuberay_docs()["RayService"]
+    (gpu,) = [g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"] if "gpu" in g["groupName"]]
+    pod = gpu["template"]["spec"]
+    (ray,) = pod["containers"]
+    assert ray["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert any(t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"])
+    assert "A100" in " ".join(pod["nodeSelector"].values())
+    # Serve asks for accelerator_type A100; the group must offer it.
+    assert "accelerator_type:A100" in gpu["rayStartParams"]["resources"]
+    serve_cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
+    gpus_per_replica = {d["name"]: d["ray_actor_options"].get("num_gpus", 0) for d in _app(serve_cfg)["deployments"]}
+    assert max(gpus_per_replica.values()) <= int(ray["resources"]["limits"]["nvidia.com/gpu"])
+    assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+
+
+def test_every_ray_pod_exports_metrics_where_the_podmonitor_looks():
+    docs = _kuberay_docs()
+    rs, pm = docs["RayService"], docs["PodMonitor"]
+    assert pm["apiVersion"] == "monitoring.coreos.com/v1"
+    _assert_known(pm["spec"], PODMONITOR_FIELDS["spec"], "PodMonitor.spec")
+    (endpoint,) = pm["spec"]["podMetricsEndpoints"]
+    _assert_known(endpoint, PODMONITOR_FIELDS["endpoint"], "podMetricsEndpoints[0]")
+    for r in endpoint.get("relabelings", []):
+        _assert_known(r, PODMONITOR_FIELDS["relabeling"], "relabelings")
+    selector = pm["spec"]["selector"]["matchLabels"]
+    rc = rs["spec"]["rayClusterConfig"]
+    groups = {"head": rc["headGroupSpec"]} | {g["groupName"]: g for g in rc["workerGroupSpecs"]}
+    images = set()
+    for name, group in groups.items():
+        template = group["template"]
+        labels = template["metadata"]["labels"]
+        assert selector.items() <= labels.items(), f"PodMonitor does not select the {name} pods"
+        port = int(group["rayStartParams"]["metrics-export-port"])
+        (ray,) = template["spec"]["containers"]
+        named = {p["name"]: p["containerPort"] for p in ray["ports"]}
+        assert named.get(endpoint["port"]) == port, f"{name}: port {endpoint['port']!r} is not Ray's metrics export"
+        images.add(ray["image"])
+    assert len(images) == 1, "head and workers must run the same image (same Ray, same code)"
