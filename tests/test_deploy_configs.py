@@ -107,6 +107,16 @@ def test_serve_config_args_are_the_apps_config(profile):
     assert std.max_tokens == 32768
 
 
+def test_torch_threads_match_the_cpus_serve_grants(profile):
+    # The app sizes torch's thread pool from its own args (ModelSpec), not
+    # from Serve's `deployments:` overrides, so the two must agree.
+    raw = load_yaml(SERVE_CONFIGS[profile])
+    deps = _deployments(raw)
+    for m in AppConfig.model_validate(_app(raw)["args"]).models:
+        cpus = deps[m.name]["ray_actor_options"]["num_cpus"]
+        assert m.torch_threads == max(1, int(cpus)), m.name
+
+
 def test_bsbr_autoscales_in_both_profiles(profile):
     bsbr = _deployments(load_yaml(SERVE_CONFIGS[profile]))["bsbr"]
     auto = AutoscalingConfig(**bsbr["autoscaling_config"])
