@@ -67,6 +67,8 @@ class Attention(nn.Module):
         """
         b, n, _ = x.shape
         H, d = self.num_heads, self.head_dim
+        if n == 0:  # an empty piece changes nothing
+            return x.new_zeros(b, 0, H * d), state
         q, k, v = self.qkv(x).view(b, n, 3, H, d).permute(2, 0, 3, 1, 4)  # each (b, H, n, d)
         cos, sin = rope_cos_sin(pos0, n, d, self.cfg.rope_base, x.device)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

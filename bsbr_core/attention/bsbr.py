@@ -97,7 +97,7 @@ class BSBRAttentionCore(Attention):
         F_new = (kt * w[:, None, :, :, None]).transpose(-1, -2) @ vt
 
         # Meta keys and queries from chunk means of the layer input.
-        xbar = (pad_seq(x, pad, dim=1).view(b, C, B, -1) * w[..., None]).sum(2)  # (b, C, D)
+        xbar = (pad_seq(x, pad, dim=1).view(b, C, B, x.shape[-1]) * w[..., None]).sum(2)  # (b, C, D)
         h_new, r_new = self._meta(xbar)
         new_state = dict(state) if state is not None else {"F": AppendLog.empty(2), "h": AppendLog.empty(2)}
         if self.causal:

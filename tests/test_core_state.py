@@ -1,0 +1,77 @@
+"""State: bytes round trip, corruption and foreign states rejected, sizes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bsbr_core import State, StateError
+from core_helpers import VARIANT_CFGS, VARIANT_IDS, small_model
+
+
+@pytest.mark.parametrize("overrides", VARIANT_CFGS, ids=VARIANT_IDS)
+def test_round_trip_through_bytes_continues_exactly(overrides):
+    model = small_model(**overrides)
+    ids = torch.randint(0, 97, (1, 50))
+    _, state = model.step(ids[:, :19], model.init_state(1))
+    blob = state.to_bytes()
+    restored = State.from_bytes(blob)
+    assert restored.num_tokens == state.num_tokens == 19
+    assert restored.nbytes == state.nbytes
+    a, _ = model.step(ids[:, 19:], state)
+    b, _ = model.step(ids[:, 19:], restored)
+    assert torch.equal(a, b)
+    # An initial (empty) state round-trips too.
+    model.check_state(State.from_bytes(model.init_state(1).to_bytes()))
+
+
+def test_corrupt_blobs_rejected_with_clear_errors():
+    model = small_model(arch="bsbr")
+    _, state = model.step(torch.randint(0, 97, (1, 30)), model.init_state(1))
+    blob = bytearray(state.to_bytes())
+    flipped = bytearray(blob)
+    flipped[len(flipped) // 2] ^= 0xFF
+    with pytest.raises(StateError, match="checksum"):
+        State.from_bytes(bytes(flipped))
+    with pytest.raises(StateError, match="checksum|short"):
+        State.from_bytes(bytes(blob[:-10]))
+    with pytest.raises(StateError, match="magic"):
+        State.from_bytes(b"PK\x03\x04" + bytes(blob[4:]))
+    with pytest.raises(StateError, match="short"):
+        State.from_bytes(b"")
+    bad_version = bytearray(blob)
+    bad_version[9:11] = (99).to_bytes(2, "big")
+    with pytest.raises(StateError, match="version"):
+        State.from_bytes(bytes(bad_version))
+    with pytest.raises(StateError):
+        State.from_bytes("not bytes")
+
+
+def test_state_of_another_model_rejected():
+    a = small_model(arch="bsbr")
+    b = small_model(arch="bsbr", chunk_size=4)
+    c = small_model(arch="standard")
+    _, state = a.step(torch.randint(0, 97, (1, 10)), a.init_state(1))
+    for other in (b, c):
+        with pytest.raises(StateError, match="another model"):
+            other.step(torch.randint(0, 97, (1, 3)), state)
+
+
+def test_bsbr_state_grows_per_chunk_and_compression_shrinks_it():
+    sizes = {}
+    for f in (1, 4, 16):
+        model = small_model(arch="bsbr", compression_factor=f)
+        _, s1 = model.step(torch.randint(0, 97, (1, 16)), model.init_state(1))
+        _, s2 = model.step(torch.randint(0, 97, (1, 16)), s1)
+        per_chunk_F = s2.layers[0]["F"].view[0, 0, 0].numel()  # one head, one chunk
+        sizes[f] = per_chunk_F
+        assert s2.layers[0]["F"].length == 4  # 32 tokens / chunk 8
+    d = 16  # head_dim of the small config
+    assert sizes == {1: d * d, 4: d * d // 4, 16: d * d // 16}
+
+
+def test_fixed_size_states_do_not_grow():
+    for arch in ("linear", "delta_net", "sliding_window"):
+        model = small_model(arch=arch)
+        _, s1 = model.step(torch.randint(0, 97, (1, 64)), model.init_state(1))
+        _, s2 = model.step(torch.randint(0, 97, (1, 640)), s1)
+        assert s2.nbytes == s1.nbytes, arch
