@@ -51,6 +51,11 @@ def add_subcommands(subparsers: argparse._SubParsersAction) -> None:
                        help="skip encoding every split to report document lengths in tokens")
     train.set_defaults(func=_handles_data_errors(_cmd_tokenizer_train))
 
+    from bsbr_core import evaluate as evaluate_lib, train as train_lib
+
+    train_lib.register_cli(subparsers)
+    evaluate_lib.register_cli(subparsers)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bsbr_core.cli", description=__doc__.split("\n\n")[0])
