@@ -1,0 +1,446 @@
+"""HTTP API (DESIGN.md 3): FastAPI routes behind `@serve.ingress`.
+
+The ingress knows nothing of tensors: it validates requests (schemas),
+enforces body limits, picks the model deployment (for a session: the model
+that owns it, asked of the store once and cached), calls it through a
+Serve handle (with the session id, so `serve.router` sends it to the
+replica holding the session) and maps typed errors to statuses in one
+place (`_error_response`). Replica deaths are retried for `http.retry_s`:
+appends are idempotent by seq, classification is stateless.
+"""
+import asyncio
+import json
+import logging
+import time
+from collections import OrderedDict
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serve import schemas
+from serve.config import AppConfig, HttpConfig
+from serve.errors import (
+    BodyTooLarge,
+    EmptyDocument,
+    InvalidEncoding,
+    InvalidJSON,
+    MethodNotAllowed,
+    NotFound,
+    NotReady,
+    Overloaded,
+    ServeError,
+    SessionNotFound,
+    Unavailable,
+    UnknownModel,
+    ValidationFailed,
+    from_wire,
+    is_wire_error,
+)
+from serve.metrics import EngineMetrics, RayServeMetrics
+from serve.store import make_store
+
+logger = logging.getLogger("ray.serve")
+
+STREAM_ROUTE = "/v1/classify/stream"
+NDJSON = "application/x-ndjson"
+
+DESCRIPTION = """\
+Classify long documents with BSBR (block sparse attention with block
+retrieval) and a standard-transformer baseline, in one request, page by page
+through a session whose state is carried between requests, or as one NDJSON
+stream. Errors: `{"error": {"code", "message"}}`; 429 and 503 carry Retry-After.
+"""
+
+app = FastAPI(title="bsbr-serve", version="0.1.0", description=DESCRIPTION)
+
+
+
+class _Runtime:
+    """What the exception handlers and the middleware need from the Api replica.
+
+    Serve serialises the ingress class by value, with its own copy of this
+    module's globals, so the class reaches this (the real module's) object
+    only through `configure_runtime`, a function imported by reference."""
+
+    metrics: EngineMetrics = EngineMetrics()
+    known_models: frozenset[str] = frozenset()
+    max_body_bytes: int = HttpConfig().max_body_bytes
+
+
+def configure_runtime(metrics: EngineMetrics, known_models: set[str], max_body_bytes: int) -> None:
+    _Runtime.metrics = metrics
+    _Runtime.known_models = frozenset(known_models)
+    _Runtime.max_body_bytes = max_body_bytes
+
+
+def _metric_model(name: str | None) -> str:
+    """Model label for metrics: only known names (user input must not create series)."""
+    return name if name in _Runtime.known_models else "unknown"
+
+
+def _error_response(request: Request | None, e: ServeError) -> JSONResponse:
+    model = getattr(request.state, "model", None) if request is not None else None
+    _Runtime.metrics.error(e.code, model=_metric_model(model))
+    headers = {"Retry-After": e.retry_after_header} if e.retry_after_header else None
+    return JSONResponse({"error": {"code": e.code, "message": e.message}}, status_code=e.status, headers=headers)
+
+
+@app.exception_handler(ServeError)
+async def _serve_error(request: Request, e: ServeError):
+    return _error_response(request, e)
+
+
+def _validation_message(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for err in errors[:5]:
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return "; ".join(parts) or "invalid request"
+
+
+@app.exception_handler(RequestValidationError)
+async def _request_validation(request: Request, e: RequestValidationError):
+    errors = e.errors()
+    if any(err.get("type") == "json_invalid" for err in errors):
+        return _error_response(request, InvalidJSON(f"request body is not valid JSON: {_validation_message(errors)}"))
+    missing_body = any(err.get("type") == "missing" and tuple(err.get("loc", ())) == ("body",) for err in errors)
+    if missing_body:
+        return _error_response(request, InvalidJSON("request body is missing; send a JSON object"))
+    return _error_response(request, ValidationFailed(_validation_message(errors)))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_exception(request: Request, e: StarletteHTTPException):
+    if e.status_code == 404:
+        err: ServeError = NotFound(f"no route {request.method} {request.url.path}")
+    elif e.status_code == 405:
+        err = MethodNotAllowed(f"method {request.method} is not allowed on {request.url.path}")
+    elif e.status_code == 400:
+        # FastAPI answers 400 when the body cannot even be decoded (e.g. not UTF-8).
+        err = InvalidEncoding("request body is not UTF-8 JSON")
+    else:
+        err = ServeError(str(e.detail))
+        err.status, err.code = e.status_code, "http_error"
+    return _error_response(request, err)
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, e: Exception):
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    err = ServeError(f"internal error: {type(e).__name__}")
+    err.status, err.code = 500, "internal_error"
+    return _error_response(request, err)
+
+
+class LimitsAndTiming:
+    """ASGI middleware: body byte limit (413) and bsbr_request_latency_seconds.
+
+    The limit is checked on Content-Length up front and on the bytes
+    actually received (chunked uploads). The NDJSON stream route has no
+    total limit (documents are long by design), only one per line and
+    `max_tokens`.
+    """
+
+    def __init__(self, asgi):
+        self.asgi = asgi
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.asgi(scope, receive, send)
+        t0 = time.perf_counter()
+        limit = None if scope.get("path") == STREAM_ROUTE else _Runtime.max_body_bytes
+        if limit is not None:
+            for k, v in scope.get("headers", []):
+                if k == b"content-length":
+                    try:
+                        n = int(v)
+                    except ValueError:
+                        n = 0
+                    if n > limit:
+                        resp = _error_response(None, BodyTooLarge(f"request body of {n} bytes exceeds {limit}"))
+                        return await resp(scope, receive, send)
+            seen = 0
+            inner = receive
+
+            async def receive():
+                nonlocal seen
+                msg = await inner()
+                if msg["type"] == "http.request":
+                    seen += len(msg.get("body", b""))
+                    if seen > limit:
+                        raise BodyTooLarge(f"request body exceeds {limit} bytes")
+                return msg
+
+        try:
+            await self.asgi(scope, receive, send)
+        finally:
+            route = scope.get("route")
+            model = (scope.get("state") or {}).get("model")
+            if route is not None and model is not None:
+                _Runtime.metrics.request(getattr(route, "path", "?"), time.perf_counter() - t0, model=_metric_model(model))
+
+
+class NdjsonStream(StreamingResponse):
+    """A StreamingResponse that never reads `receive`: the route's generator
+    is still reading the request body (pages) while it answers, and
+    Starlette's disconnect listener would swallow those body messages."""
+
+    media_type = NDJSON
+
+    async def __call__(self, scope, receive, send):
+        await self.stream_response(send)
+
+
+app.add_middleware(LimitsAndTiming)
+
+def _is_session_id(s: str) -> bool:
+    return len(s) == 32 and all(c in "0123456789abcdef" for c in s)
+
+
+def _parse_stream_line(line: bytes, limit: int) -> str:
+    if len(line) > limit:
+        raise BodyTooLarge(f"a stream line exceeds {limit} bytes")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidEncoding("a stream line is not UTF-8") from None
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        raise InvalidJSON(f"a stream line is not JSON: {e}") from None
+    try:
+        return schemas.StreamLine.model_validate(obj).text
+    except ValidationError as e:
+        raise ValidationFailed(f"a stream line must be {{\"text\": \"...\"}}: {_validation_message(e.errors())}") from None
+
+
+# --- the deployment ---------------------------------------------------------------------
+
+
+@serve.deployment(name="api", max_ongoing_requests=256)
+@serve.ingress(app)
+class Api:
+    def __init__(self, models: dict[str, Any], config: dict[str, Any]):
+        self.cfg = AppConfig.model_validate(config)
+        self.models = models  # name -> DeploymentHandle
+        try:
+            self.metrics: EngineMetrics = RayServeMetrics(model="")
+        except Exception:  # noqa: BLE001 - outside Ray (unit tests)
+            self.metrics = EngineMetrics()
+        configure_runtime(self.metrics, set(models), self.cfg.http.max_body_bytes)
+        s = self.cfg.sessions
+        self.store = make_store(s.store, s.store_name, s.max_sessions, s.max_store_bytes, s.results_retained)
+        self._session_model: OrderedDict[str, str] = OrderedDict()
+        self._info: dict[str, dict[str, Any]] = {}
+
+    # --- calling the model deployments ----------------------------------------------
+
+    def _handle(self, model: str, request: Request | None = None):
+        if request is not None:
+            request.state.model = model
+        h = self.models.get(model)
+        if h is None:
+            raise UnknownModel(f"unknown model {model!r}; available: {sorted(self.models)}")
+        return h
+
+    async def _call(self, model: str, method: str, *args, session_id: str | None = None,
+                    request: Request | None = None):
+        """Call a model replica; retry while replicas die or restart; raise its typed errors."""
+        import ray
+        from ray.serve.exceptions import BackPressureError
+
+        handle = self._handle(model, request)
+        if session_id:
+            handle = handle.options(session_id=session_id)
+        deadline = time.monotonic() + self.cfg.http.retry_s
+        delay = 0.1
+        while True:
+            try:
+                out = await getattr(handle, method).remote(*args)
+                break
+            except BackPressureError:
+                raise Overloaded(f"model {model!r} is at capacity; retry shortly", retry_after_s=1.0) from None
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                if time.monotonic() + delay > deadline:
+                    raise Unavailable(f"model {model!r} has no live replica ({type(e).__name__})",
+                                      retry_after_s=2.0) from None
+                logger.warning("replica of %s unavailable (%s); retrying", model, type(e).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        if is_wire_error(out):
+            raise from_wire(out)
+        if request is not None and "replica" in out:
+            request.state.replica = out["replica"]
+        return out["result"]
+
+    async def _model_of(self, session_id: str, request: Request) -> str:
+        """The model that owns a session (sessions never change model)."""
+        if not _is_session_id(session_id):
+            raise SessionNotFound(f"session {session_id!r} not found (ids are 32 hex characters)")
+        model = self._session_model.get(session_id)
+        if model is None:
+            model = (await self.store.head(session_id))["model"]
+            self._session_model[session_id] = model
+            while len(self._session_model) > 100_000:
+                self._session_model.popitem(last=False)
+        request.state.model = model
+        return model
+
+    @staticmethod
+    def _with_replica(body: dict[str, Any], request: Request, status: int = 200) -> JSONResponse:
+        replica = getattr(request.state, "replica", None)
+        headers = {"X-Bsbr-Replica": replica} if replica else None
+        return JSONResponse(body, status_code=status, headers=headers)
+
+    # --- routes ---------------------------------------------------------------------
+
+    @app.get("/healthz", response_model=schemas.Health, tags=["health"])
+    async def healthz(self) -> dict[str, str]:
+        """200 while the process lives."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=schemas.Readiness, tags=["health"],
+             responses={503: {"model": schemas.ErrorResponse}})
+    async def readyz(self):
+        """200 when every model deployment answers, else 503."""
+        async def ping(h) -> bool:
+            try:
+                return bool(await asyncio.wait_for(h.ready.remote(), self.cfg.http.ready_timeout_s))
+            except Exception:  # noqa: BLE001 - any failure means not ready
+                return False
+
+        names = sorted(self.models)
+        ok = await asyncio.gather(*(ping(self.models[n]) for n in names))
+        status = dict(zip(names, ok))
+        if all(ok):
+            return {"status": "ready", "models": status}
+        down = [n for n, o in status.items() if not o]
+        e = NotReady(f"model deployments not ready: {down}", retry_after_s=2.0)
+        return JSONResponse({"error": {"code": e.code, "message": e.message}, "models": status},
+                            status_code=503, headers={"Retry-After": e.retry_after_header})
+
+    @app.get("/v1/models", response_model=schemas.ModelList, tags=["models"])
+    async def list_models(self):
+        """The served models, their labels and limits."""
+        out = []
+        for name in self.models:
+            if name not in self._info:
+                self._info[name] = await self._call(name, "info")
+            out.append(self._info[name])
+        return {"models": out}
+
+    @app.post("/v1/classify", response_model=schemas.ClassifyResponse, tags=["classify"],
+              responses={k: {"model": schemas.ErrorResponse} for k in (400, 404, 413, 422, 429, 503)})
+    async def classify(self, body: schemas.ClassifyRequest, request: Request):
+        """Classify a whole document (text with form feeds, or pages) in one request."""
+        result = await self._call(body.model, "classify", body.text, body.pages, request=request)
+        return self._with_replica(result, request)
+
+    @app.post("/v1/sessions", status_code=201, response_model=schemas.SessionCreated, tags=["sessions"],
+              responses={k: {"model": schemas.ErrorResponse} for k in (400, 404, 422, 429, 503)})
+    async def create_session(self, body: schemas.SessionCreateRequest, request: Request):
+        """Open a session: its pages arrive in later requests; the state is carried between them."""
+        result = await self._call(body.model, "create_session", request=request)
+        self._session_model[result["session_id"]] = body.model
+        return self._with_replica(result, request, status=201)
+
+    @app.post("/v1/sessions/{session_id}/pages", response_model=schemas.SessionResult, tags=["sessions"],
+              responses={k: {"model": schemas.ErrorResponse} for k in (400, 404, 409, 413, 422, 429, 503)})
+    async def append_pages(self, session_id: str, body: schemas.PagesRequest, request: Request):
+        """Append the next page(s); the same seq again returns its stored answer; a gap is 409."""
+        model = await self._model_of(session_id, request)
+        result = await self._call(model, "append", session_id, body.seq, body.text, body.pages, "session",
+                                  session_id=session_id, request=request)
+        return self._with_replica(result, request)
+
+    @app.get("/v1/sessions/{session_id}", response_model=schemas.SessionResult, tags=["sessions"],
+             responses={404: {"model": schemas.ErrorResponse}})
+    async def get_session(self, session_id: str, request: Request):
+        """The session's current result."""
+        model = await self._model_of(session_id, request)
+        result = await self._call(model, "get", session_id, session_id=session_id, request=request)
+        return self._with_replica(result, request)
+
+    @app.delete("/v1/sessions/{session_id}", response_model=schemas.SessionResult, tags=["sessions"],
+                responses={404: {"model": schemas.ErrorResponse}})
+    async def delete_session(self, session_id: str, request: Request):
+        """The final result; the session is gone."""
+        model = await self._model_of(session_id, request)
+        result = await self._call(model, "close", session_id, session_id=session_id, request=request)
+        self._session_model.pop(session_id, None)
+        return self._with_replica(result, request)
+
+    @app.post(
+        STREAM_ROUTE, tags=["classify"],
+        responses={200: {"content": {NDJSON: {"schema": schemas.SessionResult.model_json_schema()}},
+                         "description": "one running result per page, then one with final: true"},
+                   **{k: {"model": schemas.ErrorResponse} for k in (400, 404, 413, 422, 429, 503)}},
+        openapi_extra={"requestBody": {"required": True, "content": {
+            NDJSON: {"schema": schemas.StreamLine.model_json_schema()}}}},
+    )
+    async def classify_stream(self, request: Request, model: str = Query(..., description="model name")):
+        """Stream a document: request body NDJSON, one `{"text": ...}` per page (chunked
+        transfer); response NDJSON, the running result after each page, then the final
+        result with `"final": true`. An error after the first page ends the stream with
+        one `{"error": ...}` line."""
+        self._handle(model, request)
+        lines = self._stream_pages(request)
+        first = await anext(lines, None)
+        if first is None:
+            raise EmptyDocument("the stream holds no page (send one {\"text\": ...} per line)")
+        session_id = (await self._call(model, "create_session", request=request))["session_id"]
+        try:
+            r0 = await self._call(model, "append", session_id, 0, None, [first], "stream",
+                                  session_id=session_id, request=request)
+        except BaseException:
+            await self._close_quietly(model, session_id)
+            raise
+        return NdjsonStream(self._stream_results(model, session_id, r0, lines))
+
+    async def _stream_pages(self, request: Request) -> AsyncIterator[str]:
+        """Pages of an NDJSON body as they arrive; blank lines are skipped."""
+        limit = self.cfg.http.max_line_bytes
+        buf = b""
+        async for chunk in request.stream():
+            buf += chunk
+            while b"\n" in buf:
+                line, buf = buf.split(b"\n", 1)
+                if line.strip():
+                    yield _parse_stream_line(line, limit)
+            if len(buf) > limit:
+                raise BodyTooLarge(f"a stream line exceeds {limit} bytes")
+        if buf.strip():
+            yield _parse_stream_line(buf, limit)
+
+    async def _stream_results(self, model: str, session_id: str, first: dict, lines: AsyncIterator[str]):
+        def dump(obj) -> bytes:
+            return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+
+        closed = False
+        try:
+            yield dump(first)
+            seq = 1
+            async for text in lines:
+                r = await self._call(model, "append", session_id, seq, None, [text], "stream", session_id=session_id)
+                yield dump(r)
+                seq += 1
+            final = await self._call(model, "close", session_id, session_id=session_id)
+            closed = True
+            yield dump(final)
+        except ServeError as e:
+            self.metrics.error(e.code, model=_metric_model(model))
+            yield dump({"error": {"code": e.code, "message": e.message}})
+        finally:
+            if not closed:
+                await self._close_quietly(model, session_id)
+
+    async def _close_quietly(self, model: str, session_id: str) -> None:
+        try:
+            await self._call(model, "close", session_id, session_id=session_id)
+        except Exception:  # noqa: BLE001 - best effort; the TTL collects it otherwise
+            pass

@@ -1,0 +1,94 @@
+"""Model deployments: one Serve deployment per model, each replica one Engine.
+
+Every method answers `{"result": ..., "replica": <actor name>}` or a wire
+error (`ServeError.to_wire()` plus the replica), so typed errors cross the
+process boundary as data. The replica's actor name lets operators (and the
+failover test) find the replica that served a session.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Any
+
+from ray import serve
+
+from serve.config import ModelSpec, SessionConfig
+from serve.errors import ServeError
+from serve.metrics import RayServeMetrics
+
+logger = logging.getLogger("ray.serve")
+
+SWEEP_INTERVAL_S = 10.0
+
+
+def _torch_threads(spec: ModelSpec) -> int:
+    if spec.torch_threads:
+        return spec.torch_threads
+    cpus = (spec.ray_actor_options or {}).get("num_cpus", 1) or 1
+    return max(1, min(int(cpus), os.cpu_count() or 1))
+
+
+@serve.deployment(max_ongoing_requests=32, health_check_period_s=5)
+class ModelServer:
+    def __init__(self, name: str, spec: dict[str, Any], sessions: dict[str, Any]):
+        import torch
+
+        from serve.engine import load_engine
+        from serve.store import make_store
+
+        spec_m = ModelSpec.model_validate(spec)
+        sessions_m = SessionConfig.model_validate(sessions)
+        torch.set_num_threads(_torch_threads(spec_m))
+        store = make_store(
+            sessions_m.store, sessions_m.store_name, sessions_m.max_sessions,
+            sessions_m.max_store_bytes, sessions_m.results_retained,
+        )
+        self.engine = load_engine(name, spec_m, sessions_m, store, RayServeMetrics(name))
+        try:
+            self.replica = serve.get_replica_context().replica_id.to_full_id_str()
+        except Exception:  # noqa: BLE001 - outside Serve (direct construction in tests)
+            self.replica = f"local:{os.getpid()}"
+        self._sweeper: asyncio.Task | None = None
+        logger.info("model %s loaded on %s (%s)", name, self.engine.model.device, self.replica)
+
+    async def _answer(self, coro) -> dict[str, Any]:
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        try:
+            return {"result": await coro, "replica": self.replica}
+        except ServeError as e:
+            return {**e.to_wire(), "replica": self.replica}
+
+    async def _sweep_forever(self):
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.engine.sweep()
+
+    async def ready(self) -> bool:
+        return True
+
+    async def info(self) -> dict[str, Any]:
+        return {"result": self.engine.info(), "replica": self.replica}
+
+    async def classify(self, text: str | None, pages: list[str] | None) -> dict[str, Any]:
+        return await self._answer(self.engine.classify(text, pages))
+
+    async def create_session(self) -> dict[str, Any]:
+        return await self._answer(self.engine.create_session())
+
+    async def append(self, session_id: str, seq: int, text: str | None, pages: list[str] | None,
+                     mode: str = "session") -> dict[str, Any]:
+        return await self._answer(self.engine.append(session_id, seq, text, pages, mode))
+
+    async def get(self, session_id: str) -> dict[str, Any]:
+        return await self._answer(self.engine.get(session_id))
+
+    async def close(self, session_id: str) -> dict[str, Any]:
+        return await self._answer(self.engine.close(session_id))
+
+    async def stats(self) -> dict[str, Any]:
+        b = self.engine.batcher
+        return {"result": {"hot_sessions": len(self.engine.hot), "hot_bytes": self.engine.hot_bytes,
+                           "batches": b.batches, "batched_steps": b.batched_steps}, "replica": self.replica}

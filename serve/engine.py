@@ -1,0 +1,421 @@
+"""The engine of one model: tokenising, pages, batched steps, sessions. No HTTP.
+
+One `Engine` runs in each model replica (and in-process for benchmarks).
+Everything a client sends arrives as plain values; everything it answers is
+a plain dict shaped like `serve.schemas`; every failure is a `ServeError`.
+
+Reading a document is always the streaming form (`model.step` page by
+page), so a one-shot classification, a session and a stream compute the
+same thing and DESIGN.md 1.4 makes their logits equal.
+
+Batching: every page step of every request goes through `StepBatcher`,
+which collects the steps that arrive while the model is busy (or within
+`batch_wait_ms` while other requests are in flight) and runs them with
+`model.step_many`, which batches documents whose positions line up.
+
+Sessions: the state after each page stays hot here (LRU, `hot_max_bytes`)
+and is committed to the `SessionStore` with a compare-and-set on `seq`
+before the answer is returned, so a page is never lost once answered and
+never applied twice.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from serve.config import ModelSpec, SessionConfig, model_card
+from serve.errors import (
+    SeqGap,
+    ServeError,
+    SessionIncompatible,
+    SessionNotFound,
+    TooManyTokens,
+    ValidationFailed,
+)
+from serve.metrics import EngineMetrics, PeakMemory
+from serve.pages import tokenize_document
+from serve.store import SessionStore, new_session_id
+
+
+@dataclass
+class StepOutcome:
+    logits: torch.Tensor  # (1, num_labels), on CPU
+    state: Any  # bsbr_core.State
+    seconds: float  # enqueue -> result: what this page cost its request
+    peak_bytes: int
+
+
+@dataclass
+class _StepJob:
+    ids: torch.Tensor  # (1, n) long
+    state: Any
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class StepBatcher:
+    """Runs the page steps of concurrent requests on one model, batched.
+
+    One worker thread owns the model (torch ops release the GIL, so the
+    event loop keeps accepting requests while a batch runs and the next
+    batch fills up meanwhile). A failing batch is retried step by step so
+    one bad document fails alone.
+    """
+
+    def __init__(self, model, max_batch_size: int = 16, batch_wait_s: float = 0.002, peak: PeakMemory | None = None):
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.batch_wait_s = batch_wait_s
+        self.peak = peak or PeakMemory(model.device)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.active_requests = 0  # documents being read right now (set by Engine)
+        self.batches = 0
+        self.batched_steps = 0
+        self._queue: asyncio.Queue[_StepJob] | None = None
+        self._worker: asyncio.Task | None = None
+
+    async def step(self, ids: Sequence[int], state) -> StepOutcome:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run())
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put(_StepJob(torch.tensor([list(ids)], dtype=torch.long), state, fut))
+        return await fut
+
+    async def _collect(self) -> list[_StepJob]:
+        q = self._queue
+        batch = [await q.get()]
+        deadline = time.perf_counter() + self.batch_wait_s
+        while len(batch) < self.max_batch_size:
+            if not q.empty():
+                batch.append(q.get_nowait())
+                continue
+            # Waiting only helps when other documents are being read.
+            left = deadline - time.perf_counter()
+            if left <= 0 or self.active_requests <= len(batch):
+                break
+            try:
+                batch.append(await asyncio.wait_for(q.get(), left))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
+    def _run_batch(self, batch: list[_StepJob]) -> tuple[list, int]:
+        self.peak.reset()
+        try:
+            out = self.model.step_many([j.ids for j in batch], [j.state for j in batch])
+        except Exception:
+            out = []
+            for j in batch:
+                try:
+                    out.append(self.model.step(j.ids, j.state))
+                except Exception as e:  # noqa: BLE001 - reported to that request only
+                    out.append(e)
+        return out, self.peak.peak()
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            try:
+                results, peak = await loop.run_in_executor(self.executor, self._run_batch, batch)
+            except Exception as e:  # noqa: BLE001 - never let the worker die
+                results, peak = [e] * len(batch), 0
+            self.batches += 1
+            self.batched_steps += len(batch)
+            done = time.perf_counter()
+            for job, res in zip(batch, results):
+                if job.future.done():
+                    continue
+                if isinstance(res, Exception):
+                    job.future.set_exception(res)
+                else:
+                    logits, state = res
+                    job.future.set_result(StepOutcome(logits.detach().float().cpu(), state, done - job.enqueued, peak))
+
+
+@dataclass
+class HotSession:
+    state: Any
+    next_seq: int
+    num_pages: int
+    last_used: float
+    nbytes: int
+
+
+def prediction(labels: list[str], logits: torch.Tensor | None) -> dict[str, Any]:
+    """label / scores / logits of one document from (1, L) logits (None: no tokens yet)."""
+    if logits is None:
+        return {"label": None, "scores": {}, "logits": {}}
+    row = logits.reshape(-1).double()
+    probs = torch.softmax(row, dim=0).tolist()
+    raw = row.tolist()
+    best = int(torch.argmax(row))
+    return {
+        "label": labels[best],
+        "scores": {lab: float(p) for lab, p in zip(labels, probs)},
+        "logits": {lab: float(v) for lab, v in zip(labels, raw)},
+    }
+
+
+class Engine:
+    """One model: classify documents and run sessions. See module docstring."""
+
+    def __init__(
+        self,
+        name: str,
+        model,
+        tokenizer,
+        spec: ModelSpec,
+        sessions: SessionConfig,
+        store: SessionStore,
+        metrics: EngineMetrics | None = None,
+    ):
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.cfg = model.config
+        self.sessions_cfg = sessions
+        self.store = store
+        self.metrics = metrics or EngineMetrics()
+        self.labels = list(self.cfg.labels)
+        self.max_tokens = spec.resolved_max_tokens(self.cfg.arch)
+        self.page_tokens = spec.page_tokens
+        vocab = tokenizer.get_vocab_size()
+        if vocab > self.cfg.vocab_size:
+            raise ValueError(f"{name}: tokenizer has {vocab} ids but the model only {self.cfg.vocab_size}")
+        self.batcher = StepBatcher(model, spec.max_batch_size, spec.batch_wait_ms / 1000.0)
+        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="state-io")
+        self.hot: OrderedDict[str, HotSession] = OrderedDict()
+        self.hot_bytes = 0
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._card = model_card(spec.path)
+
+    # --- description ------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "name": self.name, "arch": c.arch, "labels": self.labels, "chunk_size": c.chunk_size,
+            "max_tokens": self.max_tokens, "page_tokens": self.page_tokens, "max_length": c.max_length,
+            "hidden_dim": c.hidden_dim, "num_layers": c.num_layers, "num_heads": c.num_heads,
+            "vocab_size": c.vocab_size, "backend": self.spec.backend, "device": str(self.model.device),
+            "trained": bool(self._card) and self._card.get("trained", True) is not False,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "card": self._card,
+        }
+
+    # --- reading pages ------------------------------------------------------------
+
+    def tokenize(self, text: str | None, pages: Sequence[str] | None) -> list[list[int]]:
+        return tokenize_document(self.tokenizer, text, pages, self.page_tokens)
+
+    def _check_length(self, have: int, pages: list[list[int]]) -> None:
+        total = have + sum(len(p) for p in pages)
+        if total > self.max_tokens:
+            raise TooManyTokens(
+                f"the document would have {total} tokens; model {self.name!r} accepts at most {self.max_tokens}"
+            )
+
+    async def _read(self, state, pages: list[list[int]], mode: str):
+        """Step through pages; return (logits, state, per-page ms, peak bytes)."""
+        logits, page_ms, peak = None, [], 0
+        self.batcher.active_requests += 1
+        try:
+            for ids in pages:
+                try:
+                    out = await self.batcher.step(ids, state)
+                except ServeError:
+                    raise
+                except ValueError as e:  # e.g. token ids outside the model's vocabulary
+                    raise ValidationFailed(f"model {self.name!r} cannot read this page: {e}") from None
+                logits, state = out.logits, out.state
+                page_ms.append(out.seconds * 1000.0)
+                peak = max(peak, out.peak_bytes)
+                self.metrics.page(mode, out.seconds)
+                self.metrics.state_bytes(state.nbytes)
+        finally:
+            self.batcher.active_requests -= 1
+        self.metrics.pages(len(pages))
+        self.metrics.tokens(sum(len(p) for p in pages))
+        self.metrics.peak_memory(peak)
+        return logits, state, page_ms, peak
+
+    async def classify(self, text: str | None = None, pages: Sequence[str] | None = None) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        token_pages = self.tokenize(text, pages)
+        self._check_length(0, token_pages)
+        logits, state, page_ms, peak = await self._read(self.model.init_state(1), token_pages, "oneshot")
+        return {
+            "model": self.name,
+            **prediction(self.labels, logits),
+            "num_tokens": state.num_tokens,
+            "num_pages": len(token_pages),
+            "state_bytes": state.nbytes,
+            "timing": {"total_ms": (time.perf_counter() - t0) * 1000.0, "per_page_ms": page_ms},
+            "peak_memory_bytes": peak,
+        }
+
+    # --- sessions -----------------------------------------------------------------
+
+    async def create_session(self) -> dict[str, Any]:
+        meta = await self.store.create(new_session_id(), self.name, self.sessions_cfg.ttl_s)
+        return {"session_id": meta["session_id"], "model": self.name, "expires_in_s": meta["expires_in_s"]}
+
+    def _lock(self, sid: str) -> asyncio.Lock:
+        lock = self._locks.get(sid)
+        if lock is None:
+            lock = self._locks[sid] = asyncio.Lock()
+        return lock
+
+    def _check_owner(self, meta: dict[str, Any]) -> None:
+        if meta["model"] != self.name:
+            raise SessionNotFound(f"session {meta['session_id']} belongs to model {meta['model']!r}, not {self.name!r}")
+
+    def _empty_result(self, sid: str, meta: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "session_id": sid, "model": self.name, "seq": None, **prediction(self.labels, None),
+            "num_tokens": 0, "num_pages": 0, "state_bytes": 0,
+            "timing": {"page_ms": [], "total_ms": 0.0}, "expires_in_s": meta["expires_in_s"], "final": False,
+        }
+
+    async def _resume(self, sid: str, seq: int) -> tuple[Any, int, dict[str, Any] | None, str | None]:
+        """(state, num_pages, stored answer if seq is a repeat, resume source) from the store."""
+        meta, blob = await self.store.load(sid)
+        self._check_owner(meta)
+        if seq < meta["next_seq"]:
+            return None, 0, await self.store.result(sid, seq), None
+        if seq > meta["next_seq"]:
+            raise SeqGap(f"session {sid} expects seq {meta['next_seq']}, got {seq}")
+        if blob is None:
+            return self.model.init_state(1), 0, None, None
+        from bsbr_core import State, StateError
+
+        try:
+            state = await asyncio.get_running_loop().run_in_executor(self.io, State.from_bytes, blob)
+            self.model.check_state(state)
+        except StateError as e:
+            raise SessionIncompatible(f"session {sid} cannot be resumed by this model: {e}") from None
+        last = meta["last_result"] or {}
+        return state, int(last.get("num_pages", 0)), None, "store"
+
+    async def append(
+        self, session_id: str, seq: int, text: str | None = None, pages: Sequence[str] | None = None,
+        mode: str = "session",
+    ) -> dict[str, Any]:
+        """Apply the pages of request `seq` to a session and return its running result."""
+        t0 = time.perf_counter()
+        token_pages = self.tokenize(text, pages)
+        async with self._lock(session_id):
+            hot = self.hot.get(session_id)
+            source: str | None = "hot"
+            if hot is not None and hot.next_seq == seq:
+                state, num_pages = hot.state, hot.num_pages
+            else:
+                state, num_pages, repeat, source = await self._resume(session_id, seq)
+                if repeat is not None:
+                    return repeat
+            self._check_length(state.num_tokens, token_pages)
+            logits, new_state, page_ms, _ = await self._read(state, token_pages, mode)
+            blob = await asyncio.get_running_loop().run_in_executor(self.io, new_state.to_bytes)
+            result = {
+                "session_id": session_id, "model": self.name, "seq": seq,
+                **prediction(self.labels, logits),
+                "num_tokens": new_state.num_tokens, "num_pages": num_pages + len(token_pages),
+                "state_bytes": new_state.nbytes,
+                "timing": {"page_ms": page_ms, "total_ms": (time.perf_counter() - t0) * 1000.0},
+                "expires_in_s": self.sessions_cfg.ttl_s, "final": False,
+            }
+            try:
+                ahead = await self.store.commit(session_id, seq, blob, result)
+            except SessionNotFound:
+                self._drop_hot(session_id)
+                raise
+            if ahead is not None:
+                # Another replica applied this seq first (our hot copy was stale).
+                self._drop_hot(session_id)
+                if ahead > seq:
+                    return await self.store.result(session_id, seq)
+                raise SeqGap(f"session {session_id} expects seq {ahead}, got {seq}")
+            if source is not None and seq > 0:
+                self.metrics.resume(source)
+            self._put_hot(session_id, HotSession(new_state, seq + 1, result["num_pages"], time.monotonic(), new_state.nbytes))
+            return result
+
+    async def get(self, session_id: str) -> dict[str, Any]:
+        meta = await self.store.head(session_id)
+        self._check_owner(meta)
+        last = meta["last_result"]
+        if last is None:
+            return self._empty_result(session_id, meta)
+        return {**last, "expires_in_s": meta["expires_in_s"], "final": False}
+
+    async def close(self, session_id: str) -> dict[str, Any]:
+        async with self._lock(session_id):
+            meta = await self.store.head(session_id)
+            self._check_owner(meta)
+            meta = await self.store.delete(session_id)
+            self._drop_hot(session_id)
+            self._locks.pop(session_id, None)
+        last = meta["last_result"] or self._empty_result(session_id, meta)
+        return {**last, "expires_in_s": 0.0, "final": True}
+
+    # --- hot states -----------------------------------------------------------------
+
+    def _put_hot(self, sid: str, hot: HotSession) -> None:
+        self._drop_hot(sid)
+        self.hot[sid] = hot
+        self.hot_bytes += hot.nbytes
+        while self.hot and self.hot_bytes > self.sessions_cfg.hot_max_bytes:
+            old, _ = next(iter(self.hot.items()))
+            self._drop_hot(old)  # the store still has it
+        self.metrics.sessions_active(len(self.hot))
+
+    def _drop_hot(self, sid: str) -> None:
+        hot = self.hot.pop(sid, None)
+        if hot is not None:
+            self.hot_bytes -= hot.nbytes
+            self.metrics.sessions_active(len(self.hot))
+
+    def sweep(self) -> int:
+        """Forget hot states idle longer than the TTL (the store expires them too)."""
+        now = time.monotonic()
+        dead = [sid for sid, h in self.hot.items() if now - h.last_used >= self.sessions_cfg.ttl_s]
+        for sid in dead:
+            self._drop_hot(sid)
+        for sid in [s for s, lock in self._locks.items() if s not in self.hot and not lock.locked()]:
+            self._locks.pop(sid, None)
+        return len(dead)
+
+
+def pick_device(spec_device: str) -> torch.device:
+    if spec_device == "cuda" or (spec_device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def load_engine(
+    name: str, spec: ModelSpec, sessions: SessionConfig, store: SessionStore, metrics: EngineMetrics | None = None,
+) -> Engine:
+    """Load the checkpoint at spec.path onto the best device and wrap it in an Engine."""
+    if spec.backend != "torch":
+        from serve.errors import BackendUnsupported
+
+        raise BackendUnsupported(
+            f"model {name!r}: backend {spec.backend!r} is not implemented yet; use backend: torch"
+        )
+    from bsbr_core import load_model
+
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    device = pick_device(spec.device)
+    model, tokenizer = load_model(spec.path, device=str(device))
+    return Engine(name, model, tokenizer, spec, sessions, store, metrics)
+

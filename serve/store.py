@@ -1,0 +1,356 @@
+"""Session checkpoint store: the durable copy of every session, readable by every replica.
+
+A session's state lives hot on the replica that served its last page; after
+every page that replica commits `State.to_bytes()` here, so any replica can
+resume the session (replica restart, scale-down, node loss).
+
+`SessionStore` is the interface (async, so a network store fits). The
+default, `RayActorSessionStore`, talks to one named, detached Ray actor
+(`SessionStoreActor`) that every replica on every node can reach by name.
+`MemorySessionStore` is the same table in-process (one replica, tests,
+benchmarks). An external store (Redis, S3, ...) implements `SessionStore`.
+
+Consistency: `commit` is a compare-and-set on the session's `next_seq`, so a
+page is applied at most once even when two replicas race for one session
+(e.g. a client retry routed elsewhere while the first attempt still runs).
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve.errors import (
+    SeqExpired,
+    ServeError,
+    SessionNotFound,
+    StoreFull,
+    TooManySessions,
+    Unavailable,
+    from_wire,
+    is_wire_error,
+)
+
+
+def new_session_id() -> str:
+    """128 random bits, hex."""
+    return secrets.token_hex(16)
+
+
+@dataclass
+class SessionRecord:
+    session_id: str
+    model: str
+    ttl_s: float
+    last_access: float
+    next_seq: int = 0
+    blob: bytes | None = None
+    results: "OrderedDict[int, dict]" = field(default_factory=OrderedDict)
+
+    def meta(self, now: float) -> dict[str, Any]:
+        return {
+            "session_id": self.session_id,
+            "model": self.model,
+            "next_seq": self.next_seq,
+            "expires_in_s": max(0.0, self.last_access + self.ttl_s - now),
+            "ttl_s": self.ttl_s,
+            "last_result": next(reversed(self.results.values())) if self.results else None,
+        }
+
+
+class SessionTable:
+    """The store's logic, shared by every implementation: TTL, limits, CAS.
+
+    Limits: at most `max_sessions` live sessions and `max_store_bytes` of
+    checkpoints; beyond either, TooManySessions / StoreFull carry a
+    Retry-After of the time until the next session expires.
+    """
+
+    def __init__(self, max_sessions: int, max_store_bytes: int, results_retained: int = 64, clock=time.monotonic):
+        self.max_sessions = max_sessions
+        self.max_store_bytes = max_store_bytes
+        self.results_retained = results_retained
+        self.clock = clock
+        self.sessions: dict[str, SessionRecord] = {}
+        self.total_bytes = 0
+
+    # --- housekeeping ---------------------------------------------------------
+
+    def _expired(self, rec: SessionRecord, now: float) -> bool:
+        return now >= rec.last_access + rec.ttl_s
+
+    def sweep(self) -> int:
+        """Drop expired sessions; return how many."""
+        now = self.clock()
+        dead = [sid for sid, r in self.sessions.items() if self._expired(r, now)]
+        for sid in dead:
+            self._drop(sid)
+        return len(dead)
+
+    def _drop(self, sid: str) -> SessionRecord | None:
+        rec = self.sessions.pop(sid, None)
+        if rec is not None and rec.blob is not None:
+            self.total_bytes -= len(rec.blob)
+        return rec
+
+    def _retry_after(self) -> float:
+        now = self.clock()
+        if not self.sessions:
+            return 1.0
+        return max(1.0, min(r.last_access + r.ttl_s - now for r in self.sessions.values()))
+
+    def _get(self, sid: str) -> SessionRecord:
+        rec = self.sessions.get(sid)
+        now = self.clock()
+        if rec is None or self._expired(rec, now):
+            if rec is not None:
+                self._drop(sid)
+            raise SessionNotFound(f"session {sid} not found (unknown, deleted or expired)")
+        rec.last_access = now
+        return rec
+
+    # --- operations -------------------------------------------------------------
+
+    def create(self, session_id: str, model: str, ttl_s: float) -> dict[str, Any]:
+        if len(self.sessions) >= self.max_sessions:
+            self.sweep()
+            if len(self.sessions) >= self.max_sessions:
+                raise TooManySessions(
+                    f"{len(self.sessions)} live sessions (limit {self.max_sessions}); "
+                    "delete finished sessions or retry later",
+                    retry_after_s=self._retry_after(),
+                )
+        now = self.clock()
+        rec = SessionRecord(session_id, model, ttl_s, now)
+        self.sessions[session_id] = rec
+        return rec.meta(now)
+
+    def head(self, session_id: str) -> dict[str, Any]:
+        return self._get(session_id).meta(self.clock())
+
+    def load(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
+        rec = self._get(session_id)
+        return rec.meta(self.clock()), rec.blob
+
+    def result(self, session_id: str, seq: int) -> dict[str, Any]:
+        rec = self._get(session_id)
+        if seq >= rec.next_seq:
+            raise SessionNotFound(f"session {session_id} has no answer for seq {seq}")
+        if seq not in rec.results:
+            raise SeqExpired(
+                f"seq {seq} was applied but its answer is no longer retained "
+                f"(the last {self.results_retained} are); the session is at seq {rec.next_seq - 1}"
+            )
+        return rec.results[seq]
+
+    def commit(self, session_id: str, seq: int, blob: bytes, result: dict[str, Any]) -> int | None:
+        """Apply seq if the session expects it: None. Otherwise the session's
+        next_seq (someone else applied it first; nothing changes)."""
+        rec = self._get(session_id)
+        if rec.next_seq != seq:
+            return rec.next_seq
+        old = len(rec.blob) if rec.blob is not None else 0
+        if self.total_bytes - old + len(blob) > self.max_store_bytes:
+            self.sweep()
+            if self.total_bytes - old + len(blob) > self.max_store_bytes:
+                raise StoreFull(
+                    f"checkpoint store holds {self.total_bytes} bytes (limit {self.max_store_bytes}); "
+                    "this page was not applied, retry it later",
+                    retry_after_s=self._retry_after(),
+                )
+        self.total_bytes += len(blob) - old
+        rec.blob = blob
+        rec.next_seq = seq + 1
+        rec.results[seq] = result
+        while len(rec.results) > self.results_retained:
+            rec.results.popitem(last=False)
+        return None
+
+    def delete(self, session_id: str) -> dict[str, Any]:
+        rec = self._get(session_id)
+        meta = rec.meta(self.clock())
+        self._drop(session_id)
+        return meta
+
+    def stats(self) -> dict[str, Any]:
+        per_model: dict[str, int] = {}
+        for r in self.sessions.values():
+            per_model[r.model] = per_model.get(r.model, 0) + 1
+        return {"sessions": len(self.sessions), "bytes": self.total_bytes, "per_model": per_model}
+
+
+class SessionStore(abc.ABC):
+    """What the engine needs from a checkpoint store. Errors are ServeErrors."""
+
+    @abc.abstractmethod
+    async def create(self, session_id: str, model: str, ttl_s: float) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def head(self, session_id: str) -> dict[str, Any]:
+        """{session_id, model, next_seq, expires_in_s, ttl_s, last_result}; renews the TTL."""
+
+    @abc.abstractmethod
+    async def load(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
+        """(head, state blob or None before the first page)."""
+
+    @abc.abstractmethod
+    async def result(self, session_id: str, seq: int) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def commit(self, session_id: str, seq: int, blob: bytes, result: dict[str, Any]) -> int | None:
+        """Compare-and-set: None if applied, else the store's next_seq."""
+
+    @abc.abstractmethod
+    async def delete(self, session_id: str) -> dict[str, Any]: ...
+
+    @abc.abstractmethod
+    async def stats(self) -> dict[str, Any]: ...
+
+
+class MemorySessionStore(SessionStore):
+    """The table in this process: for one replica, tests and benchmarks."""
+
+    def __init__(self, max_sessions: int = 10_000, max_store_bytes: int = 4 << 30, results_retained: int = 64):
+        self.table = SessionTable(max_sessions, max_store_bytes, results_retained)
+
+    async def create(self, session_id, model, ttl_s):
+        return self.table.create(session_id, model, ttl_s)
+
+    async def head(self, session_id):
+        return self.table.head(session_id)
+
+    async def load(self, session_id):
+        return self.table.load(session_id)
+
+    async def result(self, session_id, seq):
+        return self.table.result(session_id, seq)
+
+    async def commit(self, session_id, seq, blob, result):
+        return self.table.commit(session_id, seq, blob, result)
+
+    async def delete(self, session_id):
+        return self.table.delete(session_id)
+
+    async def stats(self):
+        return self.table.stats()
+
+
+class SessionStoreActor:
+    """Ray actor around a SessionTable (see RayActorSessionStore).
+
+    Answers are plain values or wire errors (dicts), never pickled exceptions.
+    Async methods without awaits run one at a time on the actor's event loop,
+    so each call is atomic.
+    """
+
+    def __init__(self, max_sessions: int, max_store_bytes: int, results_retained: int, sweep_s: float = 5.0):
+        from ray.util import metrics
+
+        self.table = SessionTable(max_sessions, max_store_bytes, results_retained)
+        self._sweep_s = sweep_s
+        self._sweeper: asyncio.Task | None = None
+        # Store fill, for the BsbrSessionStore* alerts in deploy/prometheus.
+        self._bytes = metrics.Gauge("bsbr_session_store_bytes", description="checkpoint bytes held")
+        self._max_bytes = metrics.Gauge("bsbr_session_store_max_bytes", description="sessions.max_store_bytes")
+        self._sessions = metrics.Gauge("bsbr_session_store_sessions", description="live sessions in the store")
+        self._max_bytes.set(max_store_bytes)
+        self._report()
+
+    def _report(self):
+        self._bytes.set(self.table.total_bytes)
+        self._sessions.set(len(self.table.sessions))
+
+    def _ensure_sweeper(self):
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _sweep_forever(self):
+        while True:
+            await asyncio.sleep(self._sweep_s)
+            self.table.sweep()
+            self._report()
+
+    async def call(self, op: str, *args):
+        self._ensure_sweeper()
+        try:
+            return {"ok": getattr(self.table, op)(*args)}
+        except ServeError as e:
+            return e.to_wire()
+        finally:
+            if op in ("create", "commit", "delete"):
+                self._report()
+
+    async def ping(self) -> str:
+        return "ok"
+
+
+class RayActorSessionStore(SessionStore):
+    """Client of the named detached `SessionStoreActor`, created on first use.
+
+    Every replica on every node reaches the same actor by name; it outlives
+    the Serve application (detached) until `ray.kill` or the cluster ends.
+    """
+
+    NAMESPACE = "bsbr"
+
+    def __init__(self, name: str, max_sessions: int, max_store_bytes: int, results_retained: int = 64):
+        self.name = name
+        self._args = (max_sessions, max_store_bytes, results_retained)
+        self._actor = None
+
+    def _handle(self):
+        if self._actor is None:
+            import ray
+
+            cls = ray.remote(SessionStoreActor)
+            self._actor = cls.options(
+                name=self.name, namespace=self.NAMESPACE, lifetime="detached", get_if_exists=True,
+                num_cpus=0, max_concurrency=1000,
+            ).remote(*self._args)
+        return self._actor
+
+    async def _call(self, op: str, *args):
+        import ray
+
+        try:
+            out = await self._handle().call.remote(op, *args)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            self._actor = None
+            raise Unavailable(f"session store unavailable: {type(e).__name__}", retry_after_s=1.0) from None
+        if is_wire_error(out):
+            raise from_wire(out)
+        return out["ok"]
+
+    async def create(self, session_id, model, ttl_s):
+        return await self._call("create", session_id, model, ttl_s)
+
+    async def head(self, session_id):
+        return await self._call("head", session_id)
+
+    async def load(self, session_id):
+        meta, blob = await self._call("load", session_id)
+        return meta, blob
+
+    async def result(self, session_id, seq):
+        return await self._call("result", session_id, seq)
+
+    async def commit(self, session_id, seq, blob, result):
+        return await self._call("commit", session_id, seq, blob, result)
+
+    async def delete(self, session_id):
+        return await self._call("delete", session_id)
+
+    async def stats(self):
+        return await self._call("stats")
+
+
+def make_store(kind: str, name: str, max_sessions: int, max_store_bytes: int, results_retained: int) -> SessionStore:
+    if kind == "ray_actor":
+        return RayActorSessionStore(name, max_sessions, max_store_bytes, results_retained)
+    if kind == "memory":
+        return MemorySessionStore(max_sessions, max_store_bytes, results_retained)
+    raise ValueError(f"unknown session store {kind!r}")
