@@ -345,7 +345,7 @@ class Api:
               responses={k: {"model": schemas.ErrorResponse} for k in (400, 404, 422, 429, 503)})
     async def create_session(self, body: schemas.SessionCreateRequest, request: Request):
         """Open a session: its pages arrive in later requests; the state is carried between them."""
-        result = await self._call(body.model, "create_session", request=request)
+        result = await self._call(body.model, "create_session", body.ttl_s, request=request)
         self._session_model[result["session_id"]] = body.model
         return self._with_replica(result, request, status=201)
 

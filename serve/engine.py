@@ -145,6 +145,7 @@ class HotSession:
     state: Any
     next_seq: int
     num_pages: int
+    ttl_s: float
     last_used: float
     nbytes: int
 
@@ -265,8 +266,9 @@ class Engine:
 
     # --- sessions -----------------------------------------------------------------
 
-    async def create_session(self) -> dict[str, Any]:
-        meta = await self.store.create(new_session_id(), self.name, self.sessions_cfg.ttl_s)
+    async def create_session(self, ttl_s: float | None = None) -> dict[str, Any]:
+        ttl = self.sessions_cfg.ttl_s if ttl_s is None else min(float(ttl_s), self.sessions_cfg.ttl_s)
+        meta = await self.store.create(new_session_id(), self.name, ttl)
         return {"session_id": meta["session_id"], "model": self.name, "expires_in_s": meta["expires_in_s"]}
 
     def _lock(self, sid: str) -> asyncio.Lock:
@@ -286,16 +288,17 @@ class Engine:
             "timing": {"page_ms": [], "total_ms": 0.0}, "expires_in_s": meta["expires_in_s"], "final": False,
         }
 
-    async def _resume(self, sid: str, seq: int) -> tuple[Any, int, dict[str, Any] | None, str | None]:
-        """(state, num_pages, stored answer if seq is a repeat, resume source) from the store."""
+    async def _resume(self, sid: str, seq: int) -> tuple[Any, int, float, dict[str, Any] | None, str | None]:
+        """(state, num_pages, ttl, stored answer if seq is a repeat, resume source) from the store."""
         meta, blob = await self.store.load(sid)
         self._check_owner(meta)
+        ttl_s = meta["ttl_s"]
         if seq < meta["next_seq"]:
-            return None, 0, await self.store.result(sid, seq), None
+            return None, 0, ttl_s, await self.store.result(sid, seq), None
         if seq > meta["next_seq"]:
             raise SeqGap(f"session {sid} expects seq {meta['next_seq']}, got {seq}")
         if blob is None:
-            return self.model.init_state(1), 0, None, None
+            return self.model.init_state(1), 0, ttl_s, None, None
         from bsbr_core import State, StateError
 
         try:
@@ -304,7 +307,7 @@ class Engine:
         except StateError as e:
             raise SessionIncompatible(f"session {sid} cannot be resumed by this model: {e}") from None
         last = meta["last_result"] or {}
-        return state, int(last.get("num_pages", 0)), None, "store"
+        return state, int(last.get("num_pages", 0)), ttl_s, None, "store"
 
     async def append(
         self, session_id: str, seq: int, text: str | None = None, pages: Sequence[str] | None = None,
@@ -317,9 +320,9 @@ class Engine:
             hot = self.hot.get(session_id)
             source: str | None = "hot"
             if hot is not None and hot.next_seq == seq:
-                state, num_pages = hot.state, hot.num_pages
+                state, num_pages, ttl_s = hot.state, hot.num_pages, hot.ttl_s
             else:
-                state, num_pages, repeat, source = await self._resume(session_id, seq)
+                state, num_pages, ttl_s, repeat, source = await self._resume(session_id, seq)
                 if repeat is not None:
                     return repeat
             self._check_length(state.num_tokens, token_pages)
@@ -331,7 +334,7 @@ class Engine:
                 "num_tokens": new_state.num_tokens, "num_pages": num_pages + len(token_pages),
                 "state_bytes": new_state.nbytes,
                 "timing": {"page_ms": page_ms, "total_ms": (time.perf_counter() - t0) * 1000.0},
-                "expires_in_s": self.sessions_cfg.ttl_s, "final": False,
+                "expires_in_s": ttl_s, "final": False,
             }
             try:
                 ahead = await self.store.commit(session_id, seq, blob, result)
@@ -346,7 +349,8 @@ class Engine:
                 raise SeqGap(f"session {session_id} expects seq {ahead}, got {seq}")
             if source is not None and seq > 0:
                 self.metrics.resume(source)
-            self._put_hot(session_id, HotSession(new_state, seq + 1, result["num_pages"], time.monotonic(), new_state.nbytes))
+            self._put_hot(session_id, HotSession(new_state, seq + 1, result["num_pages"], ttl_s, time.monotonic(),
+                                                  new_state.nbytes))
             return result
 
     async def get(self, session_id: str) -> dict[str, Any]:
@@ -387,7 +391,7 @@ class Engine:
     def sweep(self) -> int:
         """Forget hot states idle longer than the TTL (the store expires them too)."""
         now = time.monotonic()
-        dead = [sid for sid, h in self.hot.items() if now - h.last_used >= self.sessions_cfg.ttl_s]
+        dead = [sid for sid, h in self.hot.items() if now - h.last_used >= h.ttl_s]
         for sid in dead:
             self._drop_hot(sid)
         for sid in [s for s, lock in self._locks.items() if s not in self.hot and not lock.locked()]:

@@ -44,6 +44,9 @@ class ClassifyRequest(_Document):
 
 class SessionCreateRequest(_Request):
     model: StrictStr = Field(description="a model name from GET /v1/models", examples=["bsbr"])
+    ttl_s: Optional[float] = Field(
+        default=None, gt=0, description="idle time-to-live; at most (and by default) the server's sessions.ttl_s",
+    )
 
 
 class PagesRequest(_Document):

@@ -1,0 +1,293 @@
+"""The `bsbr-serve` command.
+
+    bsbr-serve up [--host 127.0.0.1] [--port 8000] [--models-dir DIR | --config FILE]
+    bsbr-serve init-models --random [--dir models] [--size small]
+    bsbr-serve classify FILE [--model bsbr]
+    bsbr-serve stream FILE [--model bsbr]
+    bsbr-serve compare DIR [--models bsbr,standard] [--out DIR]
+    bsbr-serve data | tokenizer | train | evaluate ...   (bsbr_core's commands)
+
+Every command returns its exit code: 0 ok, 1 request failed, 2 usage or setup error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from serve.client import DEFAULT_URL, ApiError, Client, client_pages, read_document
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+DEFAULT_METRICS_PORT = 8080
+
+
+# --- up ---------------------------------------------------------------------------
+
+
+def load_app_args(args: argparse.Namespace) -> dict[str, Any]:
+    """`args:` of build_app from --config (a Serve config or the args alone) or --models-dir."""
+    if args.config:
+        import yaml
+
+        doc = yaml.safe_load(Path(args.config).read_text()) or {}
+        if "applications" in doc:
+            doc = (doc["applications"][0] or {}).get("args") or {}
+        return doc
+    out: dict[str, Any] = {}
+    if args.models_dir:
+        out["models_dir"] = str(args.models_dir)
+    return out
+
+
+def _needed_cpus(app_args: dict[str, Any]) -> float:
+    from serve.config import AppConfig
+
+    cfg = AppConfig.model_validate(app_args).with_discovered_models()
+    need = cfg.ingress.num_replicas * float(cfg.ingress.ray_actor_options.get("num_cpus", 0) or 0)
+    for m in cfg.models:
+        n = m.num_replicas if isinstance(m.num_replicas, int) else 1
+        if m.autoscaling_config:
+            n = int(m.autoscaling_config.get("min_replicas", 1) or 1)
+        need += n * float(m.ray_actor_options.get("num_cpus", 1) or 0)
+    return need
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from serve.config import AppConfig
+
+    app_args = load_app_args(args)
+    try:
+        cfg = AppConfig.model_validate(app_args).with_discovered_models()
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except ValueError as e:
+        print(f"error: invalid configuration: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    # Ray's CPUs are a scheduling budget: give it at least what the replicas ask for.
+    num_cpus = args.num_cpus or max(os.cpu_count() or 1, int(_needed_cpus(app_args) + 0.999))
+    print(f"starting Ray (num_cpus={num_cpus}) and models: {', '.join(m.name for m in cfg.models)}", flush=True)
+    ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=False,
+        _metrics_export_port=args.metrics_port or None, logging_level="warning",
+        object_store_memory=args.object_store_mb << 20 if args.object_store_mb else None,
+    )
+    stop = {"now": False}
+
+    def on_signal(signum, frame):
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    code = EXIT_OK
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(app_args), name="bsbr", route_prefix="/", blocking=False)
+        metrics_port = _metrics_port()
+        base = f"http://{args.host}:{args.port}"
+        untrained = [m.name for m in cfg.models if not _trained(m.path)]
+        print(f"\nbsbr-serve is up: models {', '.join(m.name for m in cfg.models)}"
+              f"{' (UNTRAINED: ' + ', '.join(untrained) + ')' if untrained else ''}")
+        print(f"  API      {base}/v1/models")
+        print(f"  docs     {base}/docs")
+        print(f"  metrics  http://{args.host}:{metrics_port}/metrics" if metrics_port else "  metrics  (export port unknown)")
+        print("Ctrl-C stops it.", flush=True)
+        while not stop["now"]:
+            time.sleep(0.2)
+        print("\nstopping ...", flush=True)
+    except Exception as e:  # noqa: BLE001 - report, then shut down cleanly
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        code = EXIT_FAIL
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    print("stopped.", flush=True)
+    return code
+
+
+def _metrics_port() -> int | None:
+    import ray
+
+    for node in ray.nodes():
+        if node.get("Alive") and node.get("MetricsExportPort"):
+            return int(node["MetricsExportPort"])
+    return None
+
+
+def _trained(path: str) -> bool:
+    from serve.config import model_card
+
+    card = model_card(path)
+    return bool(card) and card.get("trained", True) is not False
+
+
+# --- init-models ----------------------------------------------------------------------
+
+
+def cmd_init_models(args: argparse.Namespace) -> int:
+    from serve.config import repo_models_dir
+    from serve.devmodels import write_random_models
+
+    if not args.random:
+        print("error: only --random is supported here; train real models with `bsbr-serve train`", file=sys.stderr)
+        return EXIT_USAGE
+    root = Path(args.dir) if args.dir else repo_models_dir()
+    try:
+        written = write_random_models(root, tuple(args.names.split(",")), size=args.size, force=args.force)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    for p in written:
+        print(f"wrote UNTRAINED random model {p}")
+    return EXIT_OK
+
+
+# --- clients ------------------------------------------------------------------------------
+
+
+def _print_result(r: dict[str, Any]) -> None:
+    top = sorted(r["scores"].items(), key=lambda kv: -kv[1])[:3]
+    print(f"label: {r['label']}   tokens: {r['num_tokens']}   pages: {r['num_pages']}   "
+          f"state: {r['state_bytes'] / 1024:.1f} KiB")
+    print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in top))
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    text = read_document(args.file)
+    with Client(args.url) as c:
+        try:
+            r = c.classify(args.model, text=text)
+        except (ApiError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_FAIL
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return EXIT_OK
+    _print_result(r)
+    t = r["timing"]
+    pp = t["per_page_ms"]
+    print(f"time: {t['total_ms']:.1f} ms total, {sum(pp) / max(len(pp), 1):.2f} ms/page, "
+          f"peak memory {r['peak_memory_bytes'] / 2**20:.1f} MiB")
+    return EXIT_OK
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    pages = client_pages(read_document(args.file), args.page_chars)
+    with Client(args.url) as c:
+        try:
+            last = None
+            for r in c.stream(args.model, pages):
+                if args.json:
+                    print(json.dumps(r), flush=True)
+                elif r.get("final"):
+                    last = r
+                else:
+                    ms = r["timing"]["page_ms"][0] if r["timing"]["page_ms"] else 0.0
+                    print(f"page {r['seq'] + 1:>4}/{len(pages)}  tokens {r['num_tokens']:>8}  "
+                          f"{r['label']:<20} {r['scores'][r['label']]:.3f}  {ms:8.2f} ms  "
+                          f"state {r['state_bytes'] / 1024:.1f} KiB", flush=True)
+        except (ApiError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_FAIL
+    if last is not None and not args.json:
+        print("final:")
+        _print_result(last)
+    return EXIT_OK
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from serve.compare import compare, table
+
+    models = [m for m in args.models.split(",") if m]
+    try:
+        report = compare(args.url, args.dir, models, args.out, split=args.split, limit=args.limit)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except (ApiError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAIL
+    print(table(report))
+    print(f"\nwrote {Path(args.out) / 'compare.json'} and {Path(args.out) / 'compare.png'}")
+    return EXIT_OK
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bsbr-serve", description="Long-document classification server (BSBR on Ray Serve)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    up = sub.add_parser("up", help="start Ray and the server with the models in models/ (Ctrl-C stops)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000)
+    up.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT,
+                    help=f"Ray's Prometheus export port (default {DEFAULT_METRICS_PORT}; 0: any free port)")
+    src = up.add_mutually_exclusive_group()
+    src.add_argument("--models-dir", type=Path, default=None, help="serve every model directory in DIR (default: models/)")
+    src.add_argument("--config", type=Path, default=None, help="YAML: build_app args, or a Serve config (first application)")
+    up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray schedules with (default: enough for the replicas)")
+    up.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size (MiB)")
+    up.set_defaults(func=cmd_up)
+
+    init = sub.add_parser("init-models", help="write small UNTRAINED models for development")
+    init.add_argument("--random", action="store_true", required=True, help="random initialisation (required)")
+    init.add_argument("--dir", type=Path, default=None, help="where (default: models/)")
+    init.add_argument("--names", default="bsbr,standard", help="comma-separated: bsbr, standard, standard-512, ...")
+    init.add_argument("--size", choices=["tiny", "small", "reference"], default="small")
+    init.add_argument("--force", action="store_true", help="overwrite existing model directories")
+    init.set_defaults(func=cmd_init_models)
+
+    for name, func, helptext in (
+        ("classify", cmd_classify, "classify FILE in one request (form feeds separate pages)"),
+        ("stream", cmd_stream, "stream FILE page by page through /v1/classify/stream"),
+    ):
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("file", type=Path)
+        c.add_argument("--model", default="bsbr")
+        c.add_argument("--url", default=DEFAULT_URL)
+        c.add_argument("--json", action="store_true", help="print the raw JSON answer(s)")
+        if name == "stream":
+            c.add_argument("--page-chars", type=int, default=4000, help="page size for text without form feeds")
+        c.set_defaults(func=func)
+
+    cmp_ = sub.add_parser("compare", help="send the same documents to several models; table + JSON + PNG")
+    cmp_.add_argument("dir", type=Path, help="*.jsonl ({text, label}) or text files (DIR/<label>/<file>)")
+    cmp_.add_argument("--models", default="bsbr,standard")
+    cmp_.add_argument("--url", default=DEFAULT_URL)
+    cmp_.add_argument("--split", default=None, help="read DIR/<split>.jsonl only (e.g. test)")
+    cmp_.add_argument("--limit", type=int, default=None, help="at most N documents")
+    cmp_.add_argument("--out", type=Path, default=Path("bench/results/compare"))
+    cmp_.set_defaults(func=cmd_compare)
+
+    try:
+        from bsbr_core.cli import add_subcommands
+    except ImportError:
+        add_subcommands = None
+    if add_subcommands is not None:
+        add_subcommands(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
