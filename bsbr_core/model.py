@@ -10,7 +10,6 @@ prediction, gives exactly the one-shot logits (DESIGN.md 1.4).
 from __future__ import annotations
 
 import hashlib
-from collections import defaultdict
 
 import torch
 import torch.nn as nn
@@ -48,6 +47,11 @@ class Block(nn.Module):
         x = x + self.drop(self.ff(self.norm_ff(x)))
         return x, state
 
+    def forward_ragged(self, x, spans, states, commit):
+        a, states = self.attn.forward_ragged(self.norm_attn(x), spans, states, commit)
+        x = x + a
+        return x + self.ff(self.norm_ff(x)), states
+
 
 class Encoder(nn.Module):
     """Token ids (b, n) -> final-normalised hidden states (b, n, D)."""
@@ -66,6 +70,16 @@ class Encoder(nn.Module):
             x, st = block(x, pos0, mask, None if layer_states is None else layer_states[i], commit, impl)
             new_states.append(st)
         return self.norm(x), new_states
+
+    def forward_ragged(self, ids, spans, doc_states, commit):
+        """ids (1, N): several documents' pieces packed in one row (see
+        Attention.forward_ragged); doc_states[i] is document i's list of layer
+        states (or None). Returns (hidden (1, N, D), new doc_states)."""
+        x = self.embed(ids)
+        per_layer = [[None if ds is None else ds[li] for ds in doc_states] for li in range(len(self.blocks))]
+        for li, block in enumerate(self.blocks):
+            x, per_layer[li] = block.forward_ragged(x, spans, per_layer[li], commit)
+        return self.norm(x), [[per_layer[li][i] for li in range(len(self.blocks))] for i in range(len(spans))]
 
 
 def _check_right_padded(mask: torch.Tensor) -> None:
@@ -194,64 +208,75 @@ class DocumentClassifier(nn.Module):
 
     @torch.no_grad()
     def step_many(self, pieces: list[torch.Tensor], states: list[State]) -> list[tuple[torch.Tensor, State]]:
-        """step() for several independent documents at once.
+        """step() for several independent single-document states at once.
 
-        Documents whose states and pieces line up (same committed and pending
-        lengths, same piece length) run as one batch; the others run alone.
-        Results equal step() on each, in order.
+        The documents' pieces are packed into one row: embeddings, projections
+        and feed-forward layers run once over all their tokens, and only the
+        attention proper runs per document (each at its own position, with its
+        own carried state). Results equal step() on each, in order. A piece
+        longer than one segment falls back to step() for that document.
         """
         if len(pieces) != len(states):
             raise ValueError("pieces and states differ in number")
-        pieces = [torch.as_tensor(p, dtype=torch.long).reshape(1, -1) for p in pieces]
-        groups: dict[tuple, list[int]] = defaultdict(list)
+        cfg, Bk = self.config, self.config.block_size
+        out: list = [None] * len(pieces)
+        docs = []  # (index, ids, n_commit, state)
         for i, (p, s) in enumerate(zip(pieces, states)):
             self.check_state(s)
             if s.batch_size != 1:
                 raise ValueError("step_many takes single-document states")
-            groups[(s.num_tokens, s.committed, s.pending_ids.shape[1], p.shape[1])].append(i)
-        out: list = [None] * len(pieces)
-        for idx in groups.values():
-            if len(idx) == 1:
-                out[idx[0]] = self.step(pieces[idx[0]], states[idx[0]])
+            p = torch.as_tensor(p, dtype=torch.long).reshape(1, -1)
+            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= cfg.vocab_size):
+                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+            if s.pending_ids.device != self.device:
+                s = s.to(self.device)
+            p = p.to(self.device)
+            num_tokens = s.num_tokens + p.shape[1]
+            if cfg.max_length is not None:
+                p = p[:, : max(0, cfg.max_length - s.committed - s.pending_ids.shape[1])]
+            ids = torch.cat([s.pending_ids, p], dim=1)
+            n_commit = ids.shape[1] // Bk * Bk
+            if n_commit > self._segment:
+                out[i] = self.step(pieces[i], states[i])
                 continue
-            logits, st = self.step(torch.cat([pieces[i] for i in idx]), stack_states([states[i] for i in idx]))
-            for row, i in enumerate(idx):
-                out[i] = (logits[row : row + 1], select_state(st, row))
+            docs.append((i, ids, n_commit, s, num_tokens))
+        if not docs:
+            return out
+
+        def packed_pass(parts, positions, layer_states, commit):
+            """Run the non-empty parts through the encoder in one packed row."""
+            live = [j for j, part in enumerate(parts) if part.shape[1]]
+            sums = [None] * len(parts)
+            new_states = list(layer_states)
+            if live:
+                spans, at = [], 0
+                for j in live:
+                    n = parts[j].shape[1]
+                    spans.append((at, at + n, positions[j]))
+                    at += n
+                h, st = self.encoder.forward_ragged(
+                    torch.cat([parts[j] for j in live], dim=1), spans, [layer_states[j] for j in live], commit)
+                for (s_, e_, _), j, st_j in zip(spans, live, st):
+                    sums[j] = h[0, s_:e_].sum(0)
+                    if commit:
+                        new_states[j] = st_j
+            return sums, new_states
+
+        committed_parts = [ids[:, :nc] for _, ids, nc, _, _ in docs]
+        layer_states = [s.layers or None for _, _, _, s, _ in docs]
+        sums, layer_states = packed_pass(committed_parts, [s.committed for _, _, _, s, _ in docs], layer_states, True)
+        pool_sums = [s.pool_sum[0] if add is None else s.pool_sum[0] + add for (_, _, _, s, _), add in zip(docs, sums)]
+        tails = [ids[:, nc:] for _, ids, nc, _, _ in docs]
+        tail_sums, _ = packed_pass(tails, [s.committed + nc for _, _, nc, s, _ in docs], layer_states, False)
+        pooled = []
+        for (_, _, nc, s, _), ps, ts, tail in zip(docs, pool_sums, tail_sums, tails):
+            count = s.committed + nc + tail.shape[1]
+            pooled.append((ps if ts is None else ps + ts) / max(count, 1))
+        logits = self.head(torch.stack(pooled))
+        for row, ((i, _, nc, s, num_tokens), ps, tail, ls) in enumerate(zip(docs, pool_sums, tails, layer_states)):
+            out[i] = (logits[row : row + 1], State(cfg.arch, self.fingerprint, num_tokens, s.committed + nc,
+                                                  tail, ps[None], ls or []))
         return out
-
-
-def stack_states(states: list[State]) -> State:
-    """Concatenate aligned single-document states into one batch state."""
-    first = states[0]
-    layers = []
-    for li, layer in enumerate(first.layers):
-        merged = {}
-        for name, value in layer.items():
-            if isinstance(value, AppendLog):
-                views = [s.layers[li][name].view for s in states]
-                merged[name] = AppendLog.empty(value.dim) if views[0] is None else AppendLog.from_tensor(torch.cat(views), value.dim)
-            else:
-                merged[name] = torch.cat([s.layers[li][name] for s in states])
-        layers.append(merged)
-    return State(
-        first.arch, first.fingerprint, first.num_tokens, first.committed,
-        torch.cat([s.pending_ids for s in states]), torch.cat([s.pool_sum for s in states]), layers,
-    )
-
-
-def select_state(state: State, row: int) -> State:
-    """Row `row` of a batch state as a single-document state (its own copy)."""
-    def pick(v):
-        if isinstance(v, AppendLog):
-            t = v.view
-            return AppendLog.empty(v.dim) if t is None else AppendLog.from_tensor(t[row : row + 1].clone(), v.dim)
-        return v[row : row + 1].clone()
-
-    return State(
-        state.arch, state.fingerprint, state.num_tokens, state.committed,
-        state.pending_ids[row : row + 1].clone(), state.pool_sum[row : row + 1].clone(),
-        [{k: pick(v) for k, v in layer.items()} for layer in state.layers],
-    )
 
 
 def build_model(cfg: ModelConfig) -> DocumentClassifier:

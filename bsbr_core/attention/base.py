@@ -60,6 +60,14 @@ class Attention(nn.Module):
         self.out = nn.Linear(cfg.hidden_dim, cfg.hidden_dim)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
+    def _heads(self, qkv, pos0: int):
+        """Projected (b, n, 3D) -> q, k, v each (b, H, n, d), RoPE at positions pos0.."""
+        b, n, _ = qkv.shape
+        H, d = self.num_heads, self.head_dim
+        q, k, v = qkv.view(b, n, 3, H, d).permute(2, 0, 3, 1, 4)
+        cos, sin = rope_cos_sin(pos0, n, d, self.cfg.rope_base, qkv.device)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
     def forward(self, x, pos0: int = 0, mask=None, state=None, commit: bool = True, impl: str = "fast"):
         """x (b, n, D) normalised layer input; mask (b, n) bool or None.
 
@@ -69,9 +77,7 @@ class Attention(nn.Module):
         H, d = self.num_heads, self.head_dim
         if n == 0:  # an empty piece changes nothing
             return x.new_zeros(b, 0, H * d), state
-        q, k, v = self.qkv(x).view(b, n, 3, H, d).permute(2, 0, 3, 1, 4)  # each (b, H, n, d)
-        cos, sin = rope_cos_sin(pos0, n, d, self.cfg.rope_base, x.device)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self._heads(self.qkv(x), pos0)
         if impl == "naive":
             if state is not None or pos0 != 0:
                 raise ValueError("the naive reference runs over a whole sequence only")
@@ -82,6 +88,22 @@ class Attention(nn.Module):
             raise ValueError(f"unknown impl {impl!r}")
         y = self.out(o.transpose(1, 2).reshape(b, n, H * d))
         return y, new_state
+
+    def forward_ragged(self, x, spans, states, commit: bool):
+        """Several documents' pieces packed in one row: x (1, N, D).
+
+        spans: per document (start, end, pos0) in the packed row; states: its
+        carried state. The projections run once over all N tokens; only the
+        attention proper runs per document. Returns (y (1, N, D), new states).
+        """
+        qkv = self.qkv(x)
+        outs, new_states = [], []
+        for (s, e, pos0), state in zip(spans, states):
+            q, k, v = self._heads(qkv[:, s:e], pos0)
+            o, st = self.attend(q, k, v, x[:, s:e], pos0, None, state, commit)
+            outs.append(o.transpose(1, 2).reshape(1, e - s, -1))
+            new_states.append(st)
+        return self.out(torch.cat(outs, dim=1)), new_states
 
     def attend(self, q, k, v, x, pos0, mask, state, commit):  # pragma: no cover - abstract
         raise NotImplementedError
