@@ -1,0 +1,118 @@
+"""Shared fixtures of the serve tests (import the ones you use from here).
+
+One Ray cluster and one Serve application serve every HTTP test of the
+session: starting them costs most of a minute on two cores. They are
+process-wide singletons (pytest would otherwise build a session fixture
+once per importing module) and shut down at the end of the session.
+"""
+from __future__ import annotations
+
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from serve.devmodels import sample_text, write_random_models
+
+# A standard-model limit low enough that a test document crosses it.
+STANDARD_MAX_TOKENS = 3000
+MAX_SESSIONS = 60
+MAX_BODY_BYTES = 1 << 20
+PAGE_TOKENS = 64
+
+_singletons: dict[str, object] = {}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def document(n_pages: int, words_per_page: int = 20, seed: int = 0) -> list[str]:
+    """n_pages pages of generated sentences."""
+    rng = random.Random(seed)
+    return [sample_text(rng, words_per_page) for _ in range(n_pages)]
+
+
+@pytest.fixture(scope="session")
+def dev_models(tmp_path_factory) -> Path:
+    """Tiny random-init bsbr and standard models (milliseconds per page)."""
+    if "models" not in _singletons:
+        root = tmp_path_factory.mktemp("models")
+        write_random_models(root, ("bsbr", "standard"), size="tiny")
+        _singletons["models"] = root
+    return _singletons["models"]  # type: ignore[return-value]
+
+
+def app_args(models: Path, store_name: str) -> dict:
+    return {
+        "models": [
+            {"name": "bsbr", "path": str(models / "bsbr"), "num_replicas": 2, "page_tokens": PAGE_TOKENS,
+             "ray_actor_options": {"num_cpus": 0.25}, "max_batch_size": 8},
+            {"name": "standard", "path": str(models / "standard"), "num_replicas": 1, "page_tokens": PAGE_TOKENS,
+             "max_tokens": STANDARD_MAX_TOKENS, "ray_actor_options": {"num_cpus": 0.25}},
+        ],
+        "sessions": {"ttl_s": 600, "max_sessions": MAX_SESSIONS, "store_name": store_name},
+        "http": {"max_body_bytes": MAX_BODY_BYTES, "retry_s": 60},
+        "ingress": {"ray_actor_options": {"num_cpus": 0.25}},
+    }
+
+
+@pytest.fixture(scope="session")
+def serve_cluster(request, dev_models) -> dict:
+    """A local Ray (2 logical CPUs' worth of small replicas) running the app on 127.0.0.1.
+
+    Returns {"url", "http_port", "metrics_port", "models", "app_name"}."""
+    if "cluster" in _singletons:
+        return _singletons["cluster"]  # type: ignore[return-value]
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+
+    http_port, metrics_port = free_port(), free_port()
+    ray.init(
+        address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
+        object_store_memory=200 << 20, logging_level="warning", log_to_driver=False,
+        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
+    )
+
+    def shutdown():
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            _singletons.pop("cluster", None)
+
+    request.addfinalizer(shutdown)
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+    store_name = f"test_store_{os.getpid()}"
+    serve.run(build_app(app_args(dev_models, store_name)), name="bsbr", route_prefix="/")
+    url = f"http://127.0.0.1:{http_port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    else:
+        pytest.fail("the test application never became ready")
+    info = {"url": url, "http_port": http_port, "metrics_port": metrics_port, "models": dev_models,
+            "app_name": "bsbr", "store_name": store_name}
+    _singletons["cluster"] = info
+    return info
+
+
+@pytest.fixture
+def client(serve_cluster):
+    import httpx
+
+    with httpx.Client(base_url=serve_cluster["url"], timeout=120) as c:
+        yield c

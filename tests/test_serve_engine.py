@@ -1,0 +1,360 @@
+"""The serve engine, store, pages, config and router, in-process (no Ray, no HTTP)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from conftest_serve import dev_models, document  # noqa: F401 - fixtures
+
+from serve import errors
+from serve.config import DEFAULT_MAX_TOKENS_STANDARD, AppConfig, ModelSpec, SessionConfig, discover_models
+from serve.engine import load_engine
+from serve.pages import text_pages, tokenize_document
+from serve.router import rendezvous_rank
+from serve.store import MemorySessionStore, SessionTable
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def make_engine(models, name="bsbr", store=None, **spec):
+    spec = ModelSpec(name=name, path=str(models / name), page_tokens=64, **spec)
+    return load_engine(name, spec, SessionConfig(), store or MemorySessionStore())
+
+
+def one_shot_logits(engine, pages: list[str]) -> torch.Tensor:
+    """The model's parallel form over the whole document (the reference answer)."""
+    ids = [i for p in pages for i in engine.tokenizer.encode(p, add_special_tokens=False).ids]
+    with torch.no_grad():
+        return engine.model(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+
+
+def as_tensor(labels, logits: dict) -> torch.Tensor:
+    return torch.tensor([logits[k] for k in labels], dtype=torch.float64)
+
+
+# --- pages --------------------------------------------------------------------------------
+
+
+class _Tok:
+    """Stand-in tokenizer: one id per character."""
+
+    class _Enc:
+        def __init__(self, text):
+            self.ids = [ord(c) % 256 for c in text]
+
+    def encode(self, text, add_special_tokens=False):
+        return self._Enc(text)
+
+    def encode_batch(self, texts, add_special_tokens=False):
+        return [self._Enc(t) for t in texts]
+
+
+def test_form_feeds_make_pages_and_a_trailing_one_is_dropped():
+    assert text_pages("a\fb\f") == ["a", "b"]
+    assert text_pages("a\f\fb") == ["a", "", "b"]  # a blank page inside counts
+    assert text_pages("no feeds") is None
+
+
+def test_text_without_form_feeds_is_cut_into_page_tokens():
+    pages = tokenize_document(_Tok(), "x" * 150, None, 64)
+    assert [len(p) for p in pages] == [64, 64, 22]
+
+
+@pytest.mark.parametrize("text", ["", "   ", "\n\t ", "\f\f", " \f "])
+def test_empty_documents_are_rejected(text):
+    with pytest.raises(errors.EmptyDocument):
+        tokenize_document(_Tok(), text, None, 64)
+    with pytest.raises(errors.EmptyDocument):
+        tokenize_document(_Tok(), None, [text], 64)
+
+
+def test_lone_surrogates_are_rejected():
+    with pytest.raises(errors.InvalidEncoding):
+        tokenize_document(_Tok(), "ok \ud800 not ok", None, 64)
+
+
+# --- config -------------------------------------------------------------------------------
+
+
+def test_standard_gets_the_lower_default_token_limit():
+    spec = ModelSpec(name="standard", path="x")
+    assert spec.resolved_max_tokens("standard") == DEFAULT_MAX_TOKENS_STANDARD == 32768
+    assert spec.resolved_max_tokens("bsbr") > 32768
+    assert ModelSpec(name="s", path="x", max_tokens=10).resolved_max_tokens("standard") == 10
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError):
+        AppConfig.model_validate({"models": [{"name": "api", "path": "x"}]})  # reserved for the ingress
+    with pytest.raises(ValueError):
+        AppConfig.model_validate({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]})
+    with pytest.raises(ValueError):
+        AppConfig.model_validate({"models": [{"name": "a", "path": "x", "backend": "tensorrt"}]})
+    with pytest.raises(ValueError):
+        AppConfig.model_validate({"sessoins": {}})  # typo: unknown key
+
+
+def test_models_are_discovered_bsbr_first(dev_models):  # noqa: F811
+    assert [s.name for s in discover_models(dev_models)] == ["bsbr", "standard"]
+    with pytest.raises(FileNotFoundError, match="init-models --random"):
+        AppConfig(models_dir=str(dev_models / "nothing-here")).with_discovered_models()
+
+
+def test_onnx_backend_fails_clearly(dev_models):  # noqa: F811
+    with pytest.raises(errors.BackendUnsupported, match="not implemented"):
+        make_engine(dev_models, backend="onnx")
+
+
+# --- store --------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_store_commit_is_compare_and_set_on_seq():
+    t = SessionTable(10, 1 << 20)
+    t.create("s", "bsbr", 60)
+    assert t.commit("s", 0, b"a", {"seq": 0}) is None
+    assert t.commit("s", 0, b"b", {"seq": 0}) == 1  # a repeat changes nothing
+    assert t.load("s")[1] == b"a"
+    assert t.commit("s", 5, b"c", {"seq": 5}) == 1  # a gap changes nothing
+    assert t.result("s", 0) == {"seq": 0}
+
+
+def test_store_sessions_expire_after_idle_ttl():
+    clock = Clock()
+    t = SessionTable(10, 1 << 20, clock=clock)
+    t.create("s", "bsbr", 60)
+    clock.t += 59
+    t.head("s")  # any access renews the TTL
+    clock.t += 59
+    t.head("s")
+    clock.t += 61
+    with pytest.raises(errors.SessionNotFound):
+        t.head("s")
+
+
+def test_store_limits_answer_429_with_retry_after():
+    clock = Clock()
+    t = SessionTable(2, 10, clock=clock)
+    t.create("a", "bsbr", 30)
+    clock.t += 10
+    t.create("b", "bsbr", 30)
+    with pytest.raises(errors.TooManySessions) as e:
+        t.create("c", "bsbr", 30)
+    assert e.value.status == 429 and e.value.retry_after_s == pytest.approx(20)
+    assert e.value.retry_after_header == "20"
+    t.commit("a", 0, b"12345678", {})
+    with pytest.raises(errors.StoreFull):
+        t.commit("b", 0, b"12345", {})
+    assert t.total_bytes == 8
+    t.delete("a")
+    assert t.total_bytes == 0
+    t.commit("b", 0, b"12345", {})
+    clock.t += 31
+    assert t.sweep() == 1  # b expired, its bytes went with it
+    assert t.total_bytes == 0 and not t.sessions
+
+
+def test_errors_cross_process_boundaries_as_data():
+    e = errors.StoreFull("full", retry_after_s=2.5)
+    back = errors.from_wire(e.to_wire())
+    assert type(back) is errors.StoreFull and back.status == 429 and back.retry_after_header == "3"
+
+
+# --- router -------------------------------------------------------------------------------
+
+
+def test_rendezvous_ranking_is_stable_and_moves_few_sessions():
+    replicas = ["r1", "r2", "r3"]
+    sessions = [f"{i:032x}" for i in range(300)]
+    first = {s: rendezvous_rank(s, replicas)[0] for s in sessions}
+    assert first == {s: rendezvous_rank(s, list(reversed(replicas)))[0] for s in sessions}
+    assert len(set(first.values())) == 3
+    # Losing r3 moves only r3's sessions.
+    after = {s: rendezvous_rank(s, ["r1", "r2"])[0] for s in sessions}
+    assert all(after[s] == first[s] for s in sessions if first[s] != "r3")
+
+
+# --- engine -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["bsbr", "standard"])
+def test_session_pages_give_the_one_shot_logits(dev_models, name):  # noqa: F811
+    eng = make_engine(dev_models, name)
+    pages = document(50)
+    ref = one_shot_logits(eng, pages).double()
+
+    async def go():
+        one = await eng.classify(pages=pages)
+        sid = (await eng.create_session())["session_id"]
+        for i, p in enumerate(pages):
+            last = await eng.append(sid, i, pages=[p])
+        return one, last
+
+    one, last = run(go())
+    assert (as_tensor(eng.labels, one["logits"]) - ref).abs().max() <= 1e-4
+    assert (as_tensor(eng.labels, last["logits"]) - ref).abs().max() <= 1e-4
+    assert last["num_pages"] == one["num_pages"] == 50
+    assert last["num_tokens"] == one["num_tokens"]
+    assert len(one["timing"]["per_page_ms"]) == 50
+    assert one["state_bytes"] > 0 and one["peak_memory_bytes"] > 0
+
+
+def test_text_with_form_feeds_equals_the_same_pages(dev_models):  # noqa: F811
+    eng = make_engine(dev_models)
+    pages = document(5)
+
+    async def go():
+        return await eng.classify(text="\f".join(pages) + "\f"), await eng.classify(pages=pages)
+
+    a, b = run(go())
+    assert a["num_pages"] == b["num_pages"] == 5 and a["logits"] == b["logits"]
+
+
+def test_seq_repeat_returns_the_stored_answer_and_gap_is_409(dev_models):  # noqa: F811
+    eng = make_engine(dev_models)
+    pages = document(3)
+
+    async def go():
+        sid = (await eng.create_session())["session_id"]
+        r0 = await eng.append(sid, 0, pages=[pages[0]])
+        r1 = await eng.append(sid, 1, pages=[pages[1]])
+        again = await eng.append(sid, 1, text="something else entirely")
+        with pytest.raises(errors.SeqGap):
+            await eng.append(sid, 3, pages=[pages[2]])
+        now = await eng.get(sid)
+        return r0, r1, again, now
+
+    r0, r1, again, now = run(go())
+    assert again == r1
+    assert now["seq"] == 1 and now["num_tokens"] == r1["num_tokens"] > r0["num_tokens"]
+
+
+def test_stale_hot_state_is_never_used(dev_models):  # noqa: F811
+    """Two replicas share a store; one serves a page while the other holds an
+    older hot copy: the other must resume from the store, not from its copy."""
+    store = MemorySessionStore()
+    a, b = make_engine(dev_models, store=store), make_engine(dev_models, store=store)
+    pages = document(4)
+
+    async def go():
+        sid = (await a.create_session())["session_id"]
+        await a.append(sid, 0, pages=[pages[0]])
+        await b.append(sid, 1, pages=[pages[1]])  # b resumes from the store
+        await b.append(sid, 2, pages=[pages[2]])
+        last = await a.append(sid, 3, pages=[pages[3]])  # a's hot copy is at seq 1: stale
+        # A retry of seq 1 routed to a, whose hot copy expects exactly seq 1:
+        repeat = await a.append(sid, 1, pages=[pages[1]])
+        return last, repeat
+
+    ref = make_engine(dev_models)
+
+    async def straight():
+        sid = (await ref.create_session())["session_id"]
+        for i, p in enumerate(pages):
+            r = await ref.append(sid, i, pages=[p])
+        return r
+
+    last, repeat = run(go())
+    want = run(straight())
+    assert last["logits"] == pytest.approx(want["logits"], abs=1e-5)
+    assert last["num_tokens"] == want["num_tokens"] and repeat["seq"] == 1
+
+
+def test_too_many_tokens_is_413_and_nothing_is_applied(dev_models):  # noqa: F811
+    eng = make_engine(dev_models, "standard", max_tokens=200)
+    pages = document(20)
+
+    async def go():
+        with pytest.raises(errors.TooManyTokens):
+            await eng.classify(pages=pages)
+        sid = (await eng.create_session())["session_id"]
+        r = await eng.append(sid, 0, pages=[pages[0]])
+        with pytest.raises(errors.TooManyTokens):
+            await eng.append(sid, 1, pages=pages[1:])
+        return r, await eng.get(sid)
+
+    r, now = run(go())
+    assert now["num_tokens"] == r["num_tokens"] and now["seq"] == 0
+
+
+def test_store_full_is_429_and_the_session_continues(dev_models):  # noqa: F811
+    store = MemorySessionStore(max_store_bytes=1)
+    eng = make_engine(dev_models, store=store)
+
+    async def go():
+        sid = (await eng.create_session())["session_id"]
+        with pytest.raises(errors.StoreFull) as e:
+            await eng.append(sid, 0, text="a page")
+        store.table.max_store_bytes = 1 << 30
+        return e.value, await eng.append(sid, 0, text="a page")
+
+    err, ok = run(go())
+    assert err.retry_after_s and ok["seq"] == 0
+
+
+def test_concurrent_sessions_are_batched(dev_models):  # noqa: F811
+    eng = make_engine(dev_models)
+    # Pages of exactly page_tokens tokens keep the documents aligned, so step_many batches them.
+    text = " ".join(document(40, 30))
+
+    async def reader():
+        sid = (await eng.create_session())["session_id"]
+        ids = eng.tokenize(text, None)[:6]
+        return sid, ids
+
+    async def go():
+        sessions = await asyncio.gather(*(reader() for _ in range(8)))
+        tok = eng.tokenizer
+
+        async def feed(sid, pages):
+            for i, ids in enumerate(pages):
+                await eng.append(sid, i, text=tok.decode(ids))
+
+        await asyncio.gather(*(feed(sid, pages) for sid, pages in sessions))
+
+    run(go())
+    b = eng.batcher
+    assert b.batched_steps >= 48
+    assert b.batches < b.batched_steps  # some steps shared a batch
+
+
+def test_a_failing_document_does_not_fail_its_batch(dev_models):  # noqa: F811
+    eng = make_engine(dev_models)
+
+    async def go():
+        good_state = eng.model.init_state(1)
+        bad_ids = [eng.model.config.vocab_size + 5]  # out of the vocabulary
+        eng.batcher.active_requests = 2
+        return await asyncio.gather(
+            eng.batcher.step([1, 2, 3], good_state), eng.batcher.step(bad_ids, good_state), return_exceptions=True,
+        )
+
+    good, bad = run(go())
+    assert not isinstance(good, Exception) and isinstance(bad, ValueError)
+
+
+def test_sessions_of_another_model_are_not_found(dev_models):  # noqa: F811
+    store = MemorySessionStore()
+    a, b = make_engine(dev_models, "bsbr", store), make_engine(dev_models, "standard", store)
+
+    async def go():
+        sid = (await a.create_session())["session_id"]
+        with pytest.raises(errors.SessionNotFound):
+            await b.append(sid, 0, text="x y z")
+
+    run(go())
+
+
+def test_untrained_models_say_so(dev_models):  # noqa: F811
+    info = make_engine(dev_models).info()
+    assert info["trained"] is False and info["arch"] == "bsbr" and info["labels"]
