@@ -164,17 +164,25 @@ class LimitsAndTiming:
                     if n > limit:
                         resp = _error_response(None, BodyTooLarge(f"request body of {n} bytes exceeds {limit}"))
                         return await resp(scope, receive, send)
-            seen = 0
+            # Read the body here (the app would buffer it anyway) so an oversized
+            # chunked upload is refused before FastAPI turns any error into a 400.
+            chunks, seen, more = [], 0, True
+            while more:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    break
+                body = msg.get("body", b"")
+                seen += len(body)
+                if seen > limit:
+                    resp = _error_response(None, BodyTooLarge(f"request body exceeds {limit} bytes"))
+                    return await resp(scope, receive, send)
+                chunks.append(body)
+                more = msg.get("more_body", False)
+            replay = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
             inner = receive
 
             async def receive():
-                nonlocal seen
-                msg = await inner()
-                if msg["type"] == "http.request":
-                    seen += len(msg.get("body", b""))
-                    if seen > limit:
-                        raise BodyTooLarge(f"request body exceeds {limit} bytes")
-                return msg
+                return replay.pop() if replay else await inner()
 
         try:
             await self.asgi(scope, receive, send)
