@@ -358,6 +358,103 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def write_model_card(model_dir: str | os.PathLike, eval_command: str | None = None,
+                     eval_seconds: float | None = None) -> Path:
+    """README.md of a model folder from its metrics.json and (when present)
+    training.json (written by ``train --export``)."""
+    model_dir = Path(model_dir)
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    training_file = model_dir / "training.json"
+    tr = json.loads(training_file.read_text()) if training_file.is_file() else None
+    mc, data = metrics["model"], metrics["data"]
+    name = model_dir.name
+    reads = metrics["reads"]
+    lines = [
+        f"# {name}: {mc['arch']} document classifier for the Linux kernel documentation",
+        "",
+        f"Predicts the top-level folder of a document under the kernel's `Documentation/` "
+        f"({len(metrics['labels'])} classes: {', '.join(metrics['labels'])}) from its text. "
+        f"Reads {reads}.",
+        "",
+        "## Model",
+        "",
+        f"- arch `{mc['arch']}`, hidden {mc['hidden_dim']}, {mc['num_layers']} layers, {mc['num_heads']} heads, "
+        f"ff {mc['ff_dim']}, chunk {mc['chunk_size']}" + (f", max_length {mc['max_length']}" if mc["max_length"] else "")
+        + f"; {mc['num_parameters']:,} parameters (float32); see `config.json`.",
+        "- Files: `config.json`, `model.safetensors`, `tokenizer.json` (byte-level BPE), `metrics.json` "
+        "(test-split evaluation), `confusion.png`, `training.json` and `curve.png` (training record).",
+        "- Load: `model, tokenizer = bsbr_core.load_model(\"models/" + name + "\")`.",
+        "",
+        "## Data",
+        "",
+        f"Debian `{data['package']}` {data['version']}: the `.rst`/`.txt` documents of `Documentation/`, labelled "
+        "by top-level folder (folders with at least 40 documents, without translations/, devicetree/, "
+        "features/), split 80/10/10 by a hash of the path. Built with `python -m bsbr_core.cli data kernel-docs`; "
+        "tokenizer trained on the training split only with `python -m bsbr_core.cli tokenizer train`.",
+        "",
+    ]
+    if tr is not None:
+        tc = tr["train_config"]
+        hist = tr["history"]
+        lines += [
+            "## Training",
+            "",
+            f"- Command: `{tr['command']}`",
+            f"- Hardware: {tr['hardware']}",
+            f"- Wall time: {tr['wall_time_s'] / 60:.1f} min for {tr['epochs_run']} epochs, {tr['total_steps']} "
+            f"optimizer steps (including per-epoch validation; the CPU was shared with other jobs).",
+            f"- AdamW (lr {tc['lr']}, weight decay {tc['weight_decay']}, betas 0.9/0.98), "
+            f"{tc['warmup_frac']:.0%} linear warmup then cosine to {tc['min_lr_ratio']} x lr, gradient clipping "
+            f"{tc['grad_clip']}, batches of at most {tc['batch_tokens']} padded tokens (length-bucketed), class-weighted "
+            f"cross-entropy (weight (n_max/n_c)^{tc['balance_power']}), dropout {tr['model_config']['dropout']}, "
+            f"seed {tc['seed']}.",
+            f"- Each training step reads a window of at most {tc['max_train_tokens']} tokens of a document "
+            + ("(its first tokens)." if tr["model_config"]["max_length"] or tc["crop"] == "head"
+               else "starting at a random chunk boundary (another window every epoch)."),
+            f"- Shipped weights: epoch {tr['best']['epoch']}, the best validation accuracy"
+            + (f" (validation documents read up to {tc['val_max_tokens']} tokens)." if tc.get("val_max_tokens")
+               else " (whole validation documents)."),
+            "",
+            "| epoch | train loss | validation accuracy | validation macro-F1 |",
+            "|---:|---:|---:|---:|",
+        ]
+        lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_accuracy']:.4f} | {h['val_macro_f1']:.4f} |"
+                  for h in hist]
+        lines += ["", "![convergence](curve.png)", ""]
+    lines += [
+        "## Test accuracy",
+        "",
+        f"{metrics['overall']['num_docs']} held-out test documents, whole documents, by length in tokens of this "
+        "tokenizer. Majority = share of the most common class in that bucket (what always answering it scores).",
+        "",
+        "| tokens | docs | accuracy | macro-F1 | majority |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for bucket, m in [("all", metrics["overall"]), *metrics["buckets"].items()]:
+        def f(v):
+            return "-" if v is None else f"{v:.3f}"
+        lines.append(f"| {bucket} | {m['num_docs']} | {f(m['accuracy'])} | {f(m['macro_f1'])} | {f(m['majority_rate'])} |")
+    cmd = eval_command or f"python -m bsbr_core.cli evaluate --model models/{name}"
+    lines += [
+        "",
+        "![confusion matrix](confusion.png)",
+        "",
+        "Reproduce the numbers (writes the same `metrics.json`): `" + cmd + "`"
+        + (f" ({eval_seconds:.0f} s on the training hardware)." if eval_seconds is not None else "."),
+        "",
+        "## Limits",
+        "",
+        "- Small model trained for minutes on two shared CPU cores; the test split is small "
+        f"({metrics['overall']['num_docs']} documents, {metrics['buckets']['>8192']['num_docs']} over 8192 tokens), "
+        "so bucket accuracies carry wide error bars.",
+        "- The label is a folder name; some documents could fit several folders.",
+        "",
+    ]
+    path = model_dir / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 # -- command line ------------------------------------------------------------------
 
 
@@ -375,6 +472,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--batch-tokens", type=int, default=EVAL_BATCH_TOKENS)
     p.add_argument("--cache-dir", type=Path, default=None, help="token-id cache (default runs/token-cache)")
+    p.add_argument("--card", action="store_true",
+                   help="also write the model card README.md (from metrics.json and training.json)")
     p.set_defaults(func=_cmd_evaluate)
 
 
@@ -389,8 +488,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out if args.out is not None else args.model
+    seconds = time.perf_counter() - t0
     print(format_table(metrics))
-    print(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'} ({time.perf_counter() - t0:.1f}s)")
+    print(f"wrote {out / 'metrics.json'} and {out / 'confusion.png'} ({seconds:.1f}s)")
+    if args.card:
+        argv = [a for a in sys.argv[1:] if a != "--card"]
+        argv = argv if argv[:1] == ["evaluate"] else ["evaluate", *argv]
+        print(f"wrote {write_model_card(out, ' '.join(['python -m bsbr_core.cli', *argv]), seconds)}")
     return 0
 
 

@@ -265,8 +265,21 @@ def _validate(model, split: TokenizedSplit, tc: TrainConfig, device) -> dict:
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
 
 
-def train(model_cfg: ModelConfig | dict, tc: TrainConfig, command: str | None = None) -> dict:
-    """Train (or resume) per tc; returns the trainer record (history, best, ...).
+@dataclass
+class TrainResult:
+    """record: what <out>/checkpoint/trainer.json holds (history, best epoch,
+    steps, wall time, ...); model: the model after the last step done."""
+
+    record: dict
+    model: torch.nn.Module
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.record.get("stopped"))
+
+
+def train(model_cfg: ModelConfig | dict, tc: TrainConfig, command: str | None = None) -> TrainResult:
+    """Train (or resume) per tc.
 
     model_cfg: a ModelConfig, or a dict of ModelConfig fields; vocab_size and
     labels are always taken from the tokenizer and the corpus.
@@ -407,10 +420,10 @@ def train(model_cfg: ModelConfig | dict, tc: TrainConfig, command: str | None = 
     if stopped:
         checkpoint()
         trainer["stopped"] = True
-        return trainer
+        return TrainResult(trainer, model.eval())
     if tc.export:
         export_model(out, tc.export)
-    return trainer
+    return TrainResult(trainer, model.eval())
 
 
 def _check_resumable(trainer: dict, cfg: ModelConfig, tc: TrainConfig, ckpt: Path) -> None:
@@ -529,7 +542,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
         # No vocab/labels yet: train() takes them from the tokenizer and the corpus.
         argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]
-        trainer = train(model_fields, tc, command=" ".join(["python -m bsbr_core.cli", *argv]))
+        trainer = train(model_fields, tc, command=" ".join(["python -m bsbr_core.cli", *argv])).record
     except (DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
