@@ -1,0 +1,115 @@
+"""Metrics: Ray's export port shows every replica's bsbr_* metrics, and a real
+Prometheus (Debian's package) scraping it with deploy/'s config answers
+PromQL for per-page latency quantiles of both models."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from conftest_serve import client, dev_models, document, free_port, serve_cluster  # noqa: F401 - fixtures
+
+from serve.metrics import METRIC_NAMES
+
+pytestmark = pytest.mark.slow
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
+
+
+def traffic(url: str, stop: threading.Event) -> None:
+    """Pages through both models, one-shot and in sessions, until stopped."""
+    pages = document(3, words_per_page=8, seed=5)
+    with httpx.Client(base_url=url, timeout=60) as c:
+        while not stop.is_set():
+            for model in ("bsbr", "standard"):
+                c.post("/v1/classify", json={"model": model, "pages": pages})
+                sid = c.post("/v1/sessions", json={"model": model}).json()["session_id"]
+                for i, p in enumerate(pages):
+                    c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]})
+                c.delete(f"/v1/sessions/{sid}")
+                c.post("/v1/classify", json={"model": model, "text": ""})  # an error, counted
+            stop.wait(0.2)
+
+
+@pytest.fixture
+def busy(serve_cluster):
+    stop = threading.Event()
+    t = threading.Thread(target=traffic, args=(serve_cluster["url"], stop), daemon=True)
+    t.start()
+    yield
+    stop.set()
+    t.join(60)
+
+
+def scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def test_one_scrape_of_the_export_port_shows_every_replica(serve_cluster, busy):
+    deadline = time.time() + 90
+    while True:
+        text = scrape(serve_cluster["metrics_port"])
+        series = [line for line in text.splitlines() if line.startswith("ray_bsbr_page_latency_seconds_count")]
+        replicas = {part for line in series for part in line.split(",") if part.startswith("replica=")}
+        names_seen = {n for n in METRIC_NAMES if f"ray_{n}" in text}
+        if (len(replicas) >= 3 and names_seen == set(METRIC_NAMES)) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert names_seen == set(METRIC_NAMES), set(METRIC_NAMES) - names_seen
+    assert len(replicas) >= 3, series  # 2 bsbr replicas + 1 standard
+    assert 'mode="oneshot"' in text and 'mode="session"' in text
+    assert 'code="empty_document"' in text
+    # Buckets resolve milliseconds (a tiny model's pages take a few ms).
+    assert 'le="0.001"' in text and 'le="600.0"' in text
+
+
+@pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed")
+def test_prometheus_answers_page_latency_quantiles_for_both_models(serve_cluster, busy, tmp_path):
+    cfg = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    # The shipped config, pointed at this test's export port and scraping every second.
+    cfg["global"]["scrape_interval"] = "1s"
+    cfg["global"]["evaluation_interval"] = "1s"
+    cfg["rule_files"] = [str(DEPLOY / r) for r in cfg.get("rule_files", [])]
+    (job,) = [j for j in cfg["scrape_configs"] if j["job_name"] == "ray"]
+    job["static_configs"] = [{"targets": [f"127.0.0.1:{serve_cluster['metrics_port']}"]}]
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text(yaml.safe_dump(cfg))
+    if shutil.which("promtool"):
+        subprocess.run(["promtool", "check", "config", str(conf)], check=True, capture_output=True)
+
+    port = free_port()
+    prom = subprocess.Popen(
+        ["prometheus", f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    api = f"http://127.0.0.1:{port}/api/v1"
+    query = ('histogram_quantile(0.95, sum by (model, le) '
+             '(rate(ray_bsbr_page_latency_seconds_bucket[30s])))')
+    try:
+        deadline = time.time() + 150
+        by_model: dict[str, float] = {}
+        while time.time() < deadline and set(by_model) != {"bsbr", "standard"}:
+            time.sleep(3)
+            try:
+                r = httpx.get(f"{api}/query", params={"query": query}, timeout=10).json()
+            except httpx.HTTPError:
+                continue
+            assert r["status"] == "success", r
+            by_model = {x["metric"]["model"]: float(x["value"][1]) for x in r["data"]["result"]
+                        if x["value"][1] not in ("NaN", "+Inf")}
+        assert set(by_model) == {"bsbr", "standard"}, by_model
+        assert all(0 < v < 60 for v in by_model.values()), by_model
+        targets = httpx.get(f"{api}/targets", timeout=10).json()["data"]["activeTargets"]
+        assert [t["health"] for t in targets] == ["up"]
+    finally:
+        prom.terminate()
+        try:
+            prom.wait(30)
+        except subprocess.TimeoutExpired:
+            prom.kill()
