@@ -9,6 +9,9 @@ The CPU profile is also run for real: tests/test_deploy_serve_run.py.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 from ray.serve.config import AutoscalingConfig
@@ -253,3 +256,20 @@ def test_every_ray_pod_exports_metrics_where_the_podmonitor_looks():
         assert named.get(endpoint["port"]) == port, f"{name}: port {endpoint['port']!r} is not Ray's metrics export"
         images.add(ray["image"])
     assert len(images) == 1, "head and workers must run the same image (same Ray, same code)"
+
+
+def test_kuberay_manifests_are_in_sync_with_their_sources():
+    # serveConfigV2 <- deploy/serve_config.yaml, prometheusrule.yaml <- the rule files.
+    out = subprocess.run([sys.executable, str(DEPLOY / "kuberay" / "sync.py"), "--check"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_prometheusrule_wraps_the_rule_files():
+    rule = load_yaml(DEPLOY / "kuberay" / "prometheusrule.yaml")
+    assert (rule["apiVersion"], rule["kind"]) == ("monitoring.coreos.com/v1", "PrometheusRule")
+    assert set(rule["spec"]) == {"groups"}
+    sources = sorted((DEPLOY / "prometheus" / "rules").glob("*.rules.yml"))
+    assert rule["spec"]["groups"] == [g for f in sources for g in load_yaml(f)["groups"]]
+    # The PodMonitor and the PrometheusRule must be picked up by the same Prometheus.
+    assert rule["metadata"]["labels"]["release"] == _kuberay_docs()["PodMonitor"]["metadata"]["labels"]["release"]
