@@ -7,8 +7,8 @@
 Used by tests/test_deploy_live.py in a child process, so that its Ray never
 meets the shared Ray cluster of the serve tests in the pytest process.
 Like `serve run`: Ray's ServeDeploySchema, `serve_start` with the config's
-proxy and HTTP options, then `deploy_apps`, so Serve itself applies the
-YAML's `deployments:` overrides. The only changes to the config are the HTTP
+proxy and HTTP options, then `deploy_apps` (which also applies any
+`deployments:` overrides the YAML has). The only changes to the config are the HTTP
 port and, with --model-path, a model's path. After the application is
 RUNNING it writes Serve's own view of it (`get_serve_details`) to --details,
 then serves until SIGTERM/SIGINT and shuts Serve and Ray down.

@@ -5,7 +5,7 @@ Kubernetes' own JSON schemas (kubernetes-validate) for the pod templates, and
 the field lists of KubeRay's ray.io/v1 and the Prometheus Operator's
 monitoring.coreos.com/v1 types for the custom resources around them.
 
-The CPU profile is also run for real: tests/test_deploy_serve_run.py.
+The CPU profile is also run for real: tests/test_deploy_live.py.
 """
 from __future__ import annotations
 
@@ -15,10 +15,11 @@ import sys
 import pytest
 import yaml
 from ray.serve.config import AutoscalingConfig
-from ray.serve.schema import ServeDeploySchema
+from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 from ray.util import accelerators
 
 from deploy_helpers import DEPLOY, SERVE_CONFIGS, load_yaml, unknown_keys
+from serve.app import model_deployment_options
 from serve.config import AppConfig
 
 # Kubernetes versions the pod templates are validated against: an older one
@@ -81,8 +82,17 @@ def _app(raw: dict) -> dict:
     return app
 
 
-def _deployments(raw: dict) -> dict[str, dict]:
-    return {d["name"]: d for d in _app(raw)["deployments"]}
+def _app_config(raw: dict) -> AppConfig:
+    return AppConfig.model_validate(_app(raw)["args"])  # extra="forbid": typos fail here
+
+
+def deployment_options(raw: dict) -> dict[str, dict]:
+    """What build_app passes to Serve for each deployment (`api` and one per
+    model), from the config's args, by the app's own function for models."""
+    cfg = _app_config(raw)
+    out = {m.name: model_deployment_options(m) for m in cfg.models}
+    out["api"] = {"name": "api", **cfg.ingress.model_dump()}
+    return out
 
 
 def test_serve_config_validates_with_rays_schema(profile):
@@ -91,67 +101,60 @@ def test_serve_config_validates_with_rays_schema(profile):
     assert unknown_keys(ServeDeploySchema, raw) == [], "keys Ray would silently ignore"
     (app,) = schema.applications
     assert app.import_path == "serve.app:build_app"
-    for d in app.deployments:
-        if "autoscaling_config" in d.model_fields_set:
-            AutoscalingConfig(**d.autoscaling_config)  # Serve validates the dict only at deploy time
-            assert "num_replicas" not in d.model_fields_set, "Serve rejects both at once"
+    # One place for deployment options: `bsbr-serve up --config` reads only
+    # `args`, so `deployments:` overrides would apply under `serve deploy`
+    # and silently not in the Docker image.
+    assert "deployments" not in _app(raw)
+
+
+def test_every_deployments_options_validate_with_rays_schema(profile):
+    # The options live in `args`, where Ray's ServeDeploySchema does not look:
+    # validate what build_app will hand to Serve with Serve's DeploymentSchema.
+    for name, opts in deployment_options(load_yaml(SERVE_CONFIGS[profile])).items():
+        plain = {k: v for k, v in opts.items() if k != "request_router_config"}
+        DeploymentSchema.model_validate(opts)
+        assert unknown_keys(DeploymentSchema, plain) == [], name
+        if opts.get("autoscaling_config"):
+            AutoscalingConfig(**opts["autoscaling_config"])
+            assert unknown_keys(AutoscalingConfig, opts["autoscaling_config"]) == [], name
+            assert "num_replicas" not in opts, "Serve rejects both at once"
 
 
 def test_serve_config_args_are_the_apps_config(profile):
-    raw = load_yaml(SERVE_CONFIGS[profile])
-    cfg = AppConfig.model_validate(_app(raw)["args"])  # extra="forbid": typos fail here
-    names = [m.name for m in cfg.models]
-    assert names[:2] == ["bsbr", "standard"]
-    # Every deployment override names a deployment the app builds: `api`
-    # (the ingress) or a model. Serve rejects unknown names only at deploy time.
-    assert set(_deployments(raw)) == {"api", *names}
+    cfg = _app_config(load_yaml(SERVE_CONFIGS[profile]))
+    assert [m.name for m in cfg.models][:2] == ["bsbr", "standard"]
     assert cfg.sessions.store == "ray_actor", "sessions must survive replica loss"
-    std = next(m for m in cfg.models if m.name == "standard")
-    assert std.max_tokens == 32768
-
-
-def test_torch_threads_match_the_cpus_serve_grants(profile):
-    # The app sizes torch's thread pool from its own args (ModelSpec), not
-    # from Serve's `deployments:` overrides, so the two must agree.
-    raw = load_yaml(SERVE_CONFIGS[profile])
-    deps = _deployments(raw)
-    for m in AppConfig.model_validate(_app(raw)["args"]).models:
-        cpus = deps[m.name]["ray_actor_options"]["num_cpus"]
-        assert m.torch_threads == max(1, int(cpus)), m.name
+    assert next(m for m in cfg.models if m.name == "standard").max_tokens == 32768
 
 
 def test_bsbr_autoscales_in_both_profiles(profile):
-    bsbr = _deployments(load_yaml(SERVE_CONFIGS[profile]))["bsbr"]
+    bsbr = deployment_options(load_yaml(SERVE_CONFIGS[profile]))["bsbr"]
     auto = AutoscalingConfig(**bsbr["autoscaling_config"])
     assert 1 <= auto.min_replicas < auto.max_replicas
-    assert "num_replicas" not in bsbr
 
 
 def test_gpu_profile_puts_each_model_replica_on_one_a100():
     raw = load_yaml(SERVE_CONFIGS["gpu"])
-    cfg = AppConfig.model_validate(_app(raw)["args"])
-    deps = _deployments(raw)
-    for m in cfg.models:
-        opts = deps[m.name]["ray_actor_options"]
-        assert opts["num_gpus"] == 1
-        assert opts["accelerator_type"] == accelerators.NVIDIA_A100
+    opts = deployment_options(raw)
+    for m in _app_config(raw).models:
+        actor = opts[m.name]["ray_actor_options"]
+        assert actor["num_gpus"] == 1
+        assert actor["accelerator_type"] == accelerators.NVIDIA_A100
         assert m.device == "cuda"
         assert m.path.startswith("/app/models/"), "the image's models (Dockerfile)"
-    assert "num_gpus" not in deps["api"]["ray_actor_options"]
+    assert "num_gpus" not in opts["api"]["ray_actor_options"]
     assert raw["http_options"]["host"] == "0.0.0.0"
 
 
 def test_cpu_profile_needs_no_gpu_and_fits_two_cores():
     raw = load_yaml(SERVE_CONFIGS["cpu"])
-    cfg = AppConfig.model_validate(_app(raw)["args"])
-    deps = _deployments(raw)
-    assert all(m.device == "cpu" for m in cfg.models)
+    assert all(m.device == "cpu" for m in _app_config(raw).models)
     cpus = 0.0
-    for name, d in deps.items():
-        opts = d.get("ray_actor_options", {})
-        assert not opts.get("num_gpus") and "accelerator_type" not in opts, name
-        low = d["autoscaling_config"]["min_replicas"] if "autoscaling_config" in d else d.get("num_replicas", 1)
-        cpus += low * opts.get("num_cpus", 1)
+    for name, d in deployment_options(raw).items():
+        actor = d["ray_actor_options"]
+        assert not actor.get("num_gpus") and "accelerator_type" not in actor, name
+        low = d["autoscaling_config"]["min_replicas"] if d.get("autoscaling_config") else d["num_replicas"]
+        cpus += low * actor.get("num_cpus", 1)
     assert cpus <= 2, f"the CPU profile's minimum needs {cpus} CPUs"
 
 
@@ -228,7 +231,7 @@ def test_rayservice_gpu_group_gets_a100_nodes():
     # Serve asks for accelerator_type A100; the group must offer it.
     assert "accelerator_type:A100" in gpu["rayStartParams"]["resources"]
     serve_cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
-    gpus_per_replica = {d["name"]: d["ray_actor_options"].get("num_gpus", 0) for d in _app(serve_cfg)["deployments"]}
+    gpus_per_replica = {n: d["ray_actor_options"].get("num_gpus", 0) for n, d in deployment_options(serve_cfg).items()}
     assert max(gpus_per_replica.values()) <= int(ray["resources"]["limits"]["nvidia.com/gpu"])
     assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
 

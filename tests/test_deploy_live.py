@@ -4,10 +4,9 @@ monitoring of deploy/ checked against it.
 A child process (tests/deploy_serve_driver.py) starts a local Ray of its own
 (2 logical CPUs, its own temp dir and ports, so it neither meets the serve
 tests' Ray in this process nor other Ray instances on the machine) and runs
-the profile the way `serve run deploy/serve_config.cpu.yaml` does, so Serve
-itself applies the YAML's `deployments:` overrides. Only the HTTP port
-changes (a free one) and, when the repository has no trained models yet,
-the model paths (tiny random models).
+the profile the way `serve run deploy/serve_config.cpu.yaml` does. Only the
+HTTP port changes (a free one) and, when the repository has no trained
+models yet, the model paths (tiny random models).
 
 Then a real Prometheus (Debian's `prometheus` binary) scrapes Ray's metrics
 export with the repository's recording and alert rules loaded, and every
@@ -155,19 +154,24 @@ def test_cpu_profile_serves_for_real(cpu_profile):
     assert abs(sum(out["scores"].values()) - 1) < 1e-5
 
 
-def test_serve_applied_the_profiles_deployment_options(cpu_profile):
-    # Serve, not the app's defaults, decides these: the YAML's `deployments:`.
+def test_serve_runs_the_profiles_deployment_options(cpu_profile):
+    # Serve's own view of the running application against the profile's args.
+    from serve.config import AppConfig
+
     deployments = cpu_profile["details"]["applications"][APP]["deployments"]
-    assert set(deployments) == {"api", "bsbr", "standard"}
-    raw = {d["name"]: d for d in load_yaml(SERVE_CONFIGS["cpu"])["applications"][0]["deployments"]}
-    for name, want in raw.items():
-        got = deployments[name]["deployment_config"]
-        assert got["ray_actor_options"]["num_cpus"] == want["ray_actor_options"]["num_cpus"], name
-        if "autoscaling_config" in want:
-            for k, v in want["autoscaling_config"].items():
+    cfg = AppConfig.model_validate(load_yaml(SERVE_CONFIGS["cpu"])["applications"][0]["args"])
+    assert set(deployments) == {"api", *(m.name for m in cfg.models)}
+    wanted = {m.name: m for m in cfg.models}
+    for name, d in deployments.items():
+        got = d["deployment_config"]
+        spec = cfg.ingress if name == "api" else wanted[name]
+        assert got["ray_actor_options"]["num_cpus"] == spec.ray_actor_options["num_cpus"], name
+        assert got["max_ongoing_requests"] == spec.max_ongoing_requests, name
+        if getattr(spec, "autoscaling_config", None):
+            for k, v in spec.autoscaling_config.items():
                 assert got["autoscaling_config"][k] == v, (name, k)
         else:
-            assert got["num_replicas"] == want["num_replicas"], name
+            assert got["num_replicas"] == spec.num_replicas, name
 
 
 # ---------------------------------------------------------------- monitoring
