@@ -276,3 +276,20 @@ def test_prometheusrule_wraps_the_rule_files():
     assert rule["spec"]["groups"] == [g for f in sources for g in load_yaml(f)["groups"]]
     # The PodMonitor and the PrometheusRule must be picked up by the same Prometheus.
     assert rule["metadata"]["labels"]["release"] == _kuberay_docs()["PodMonitor"]["metadata"]["labels"]["release"]
+
+
+def test_rayservice_starts_with_the_gpus_the_application_needs():
+    # The workers KubeRay starts with hold every model's minimum replicas;
+    # autoscaling adds pods beyond that, up to the GPUs bsbr can scale to.
+    rs = _kuberay_docs()["RayService"]
+    (gpu,) = [g for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"] if "gpu" in g["groupName"]]
+    (ray,) = gpu["template"]["spec"]["containers"]
+    per_pod = int(ray["resources"]["limits"]["nvidia.com/gpu"])
+    need_min = need_max = 0.0
+    for d in deployment_options(yaml.safe_load(rs["spec"]["serveConfigV2"])).values():
+        gpus = d["ray_actor_options"].get("num_gpus", 0)
+        auto = d.get("autoscaling_config")
+        need_min += gpus * (auto["min_replicas"] if auto else d["num_replicas"])
+        need_max += gpus * (auto["max_replicas"] if auto else d["num_replicas"])
+    assert gpu["replicas"] * per_pod >= need_min
+    assert gpu["maxReplicas"] * per_pod >= need_max
