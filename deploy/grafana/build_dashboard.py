@@ -153,9 +153,10 @@ PANELS: list[Row | Panel] = [
     Row("Sessions"),
     Panel(
         "Live sessions by model",
-        "Sessions open on the replicas (not yet deleted or expired).",
+        "Sessions held hot on the replicas (not yet deleted, expired or evicted).",
         [Target(f"sum by (model) (ray_bsbr_sessions_active{{{SEL}}})", "{{model}}")],
         unit="short",
+        width=8,
     ),
     Panel(
         "Session resumes: hot vs store",
@@ -166,6 +167,18 @@ PANELS: list[Row | Panel] = [
                 "{{model}} {{source}}")],
         unit="short",
         stack=True,
+        width=8,
+    ),
+    Panel(
+        "Session store: checkpoint bytes and limit",
+        "Bytes of session checkpoints in the store against sessions.max_store_bytes; "
+        "at the limit, pages are refused with 429 store_full.",
+        [
+            Target("sum(ray_bsbr_session_store_bytes)", "checkpoints"),
+            Target("max(ray_bsbr_session_store_max_bytes)", "limit"),
+        ],
+        unit="bytes",
+        width=8,
     ),
     Row("Errors and replicas"),
     Panel(
@@ -175,6 +188,7 @@ PANELS: list[Row | Panel] = [
                 "{{model}} {{code}}")],
         unit="short",
         stack=True,
+        width=8,
     ),
     Panel(
         "Healthy replicas by deployment",
@@ -182,6 +196,16 @@ PANELS: list[Row | Panel] = [
         "HTTP ingress; one deployment per model).",
         [Target("sum by (application, deployment) (ray_serve_deployment_replica_healthy)", "{{deployment}}")],
         unit="short",
+        width=8,
+    ),
+    Panel(
+        "Replica starts by deployment",
+        "Replicas that became ready (Serve's controller): scale-up, and "
+        "replacements of crashed replicas (alert BsbrReplicaRestarts).",
+        [Target("sum by (application, deployment) "
+                "(increase(ray_serve_replica_startup_latency_ms_count[$__rate_interval]))", "{{deployment}}")],
+        unit="short",
+        width=8,
     ),
 ]
 
