@@ -14,11 +14,11 @@ import sys
 
 import pytest
 import yaml
+from deploy_helpers import DEPLOY, SERVE_CONFIGS, load_yaml, unknown_keys
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeDeploySchema
 from ray.util import accelerators
 
-from deploy_helpers import DEPLOY, SERVE_CONFIGS, load_yaml, unknown_keys
 from serve.app import model_deployment_options
 from serve.config import AppConfig
 
@@ -264,7 +264,7 @@ def test_every_ray_pod_exports_metrics_where_the_podmonitor_looks():
 def test_kuberay_manifests_are_in_sync_with_their_sources():
     # serveConfigV2 <- deploy/serve_config.yaml, prometheusrule.yaml <- the rule files.
     out = subprocess.run([sys.executable, str(DEPLOY / "kuberay" / "sync.py"), "--check"],
-                         capture_output=True, text=True, timeout=60)
+                         check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
 
 

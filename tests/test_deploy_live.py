@@ -33,7 +33,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from deploy_helpers import DEPLOY, ROOT, SERVE_CONFIGS, load_yaml
 
 pytestmark = pytest.mark.slow
@@ -112,7 +111,7 @@ def cpu_profile(tmp_path_factory):
            "--port", str(port), "--metrics-port", str(metrics_port), "--temp-dir", ray_tmp,
            "--details", str(details)]
     cmd += [f"--model-path={name}={path}" for name, path in model_paths(work / "models").items()]
-    log = open(work / "driver.log", "w")
+    log = open(work / "driver.log", "w")  # noqa: SIM115 - open while the child runs
     # Its own session: if it hangs on shutdown, its whole process group goes.
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -213,7 +212,7 @@ class Prometheus:
         }
         cfg = workdir / "prometheus.yml"
         cfg.write_text(yaml.safe_dump(config))
-        self.log = open(workdir / "prometheus.log", "w")
+        self.log = open(workdir / "prometheus.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],

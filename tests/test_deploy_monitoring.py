@@ -15,7 +15,6 @@ import sys
 
 import pytest
 import yaml
-
 from deploy_helpers import DEPLOY, load_yaml
 
 PROMTOOL = shutil.which("promtool")
@@ -30,7 +29,8 @@ needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not insta
 
 
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PROMTOOL, *args], capture_output=True, text=True, timeout=120, cwd=PROM_DIR)
+    return subprocess.run([PROMTOOL, *args], check=False, capture_output=True, text=True, timeout=120,
+                          cwd=PROM_DIR)
 
 
 # ----------------------------------------------------------------- Prometheus
