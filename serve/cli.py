@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
@@ -76,7 +77,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from serve.app import build_app
 
     # Ray's CPUs are a scheduling budget: give it at least what the replicas ask for.
-    num_cpus = args.num_cpus or max(os.cpu_count() or 1, int(_needed_cpus(app_args) + 0.999))
+    needed = math.ceil(_needed_cpus(app_args))
+    num_cpus = max(args.num_cpus or os.cpu_count() or 1, needed)
+    if args.num_cpus and args.num_cpus < needed:
+        print(f"note: the replicas ask for {needed} CPUs; Ray schedules with {num_cpus}", file=sys.stderr)
     print(f"starting Ray (num_cpus={num_cpus}) and models: {', '.join(m.name for m in cfg.models)}", flush=True)
     ray.init(
         address="local", num_cpus=num_cpus, include_dashboard=False,
