@@ -25,12 +25,14 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from serve.config import ModelSpec, SessionConfig, model_card
 from serve.errors import (
+    BackendUnsupported,
     SeqGap,
     ServeError,
     SessionIncompatible,
@@ -408,18 +410,27 @@ def pick_device(spec_device: str) -> torch.device:
 def load_engine(
     name: str, spec: ModelSpec, sessions: SessionConfig, store: SessionStore, metrics: EngineMetrics | None = None,
 ) -> Engine:
-    """Load the checkpoint at spec.path onto the best device and wrap it in an Engine."""
-    if spec.backend != "torch":
-        from serve.errors import BackendUnsupported
+    """Load the checkpoint at spec.path with its backend and wrap it in an Engine.
 
-        raise BackendUnsupported(
-            f"model {name!r}: backend {spec.backend!r} is not implemented yet; use backend: torch"
-        )
-    from bsbr_core import load_model
-
+    torch: on CUDA when the replica has a GPU (device auto). onnx: ONNX Runtime
+    graphs exported next to the checkpoint on first use (CUDA provider when
+    onnxruntime-gpu and a GPU are present); the model object is still a
+    bsbr_core DocumentClassifier, so states move between backends."""
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
-    device = pick_device(spec.device)
-    model, tokenizer = load_model(spec.path, device=str(device))
-    return Engine(name, model, tokenizer, spec, sessions, store, metrics)
+    if spec.backend == "torch":
+        from bsbr_core import load_model
 
+        model, tokenizer = load_model(spec.path, device=str(pick_device(spec.device)))
+    elif spec.backend == "onnx":
+        try:
+            from bsbr_core.onnx import load_onnx_model
+        except ImportError as e:
+            raise BackendUnsupported(f"model {name!r}: backend onnx is not available here: {e}") from None
+        from tokenizers import Tokenizer
+
+        model = load_onnx_model(spec.path, threads=spec.torch_threads)
+        tokenizer = Tokenizer.from_file(str(Path(spec.path) / "tokenizer.json"))
+    else:  # the config validates backend; keep the error for direct callers
+        raise BackendUnsupported(f"model {name!r}: unknown backend {spec.backend!r}; use torch or onnx")
+    return Engine(name, model, tokenizer, spec, sessions, store, metrics)

@@ -103,9 +103,23 @@ def test_models_are_discovered_bsbr_first(dev_models):  # noqa: F811
         AppConfig(models_dir=str(dev_models / "nothing-here")).with_discovered_models()
 
 
-def test_onnx_backend_fails_clearly(dev_models):  # noqa: F811
-    with pytest.raises(errors.BackendUnsupported, match="not implemented"):
-        make_engine(dev_models, backend="onnx")
+def test_unknown_backend_fails_clearly(dev_models):  # noqa: F811
+    spec = ModelSpec(name="bsbr", path=str(dev_models / "bsbr")).model_copy(update={"backend": "tensorrt"})
+    with pytest.raises(errors.BackendUnsupported, match="unknown backend"):
+        load_engine("bsbr", spec, SessionConfig(), MemorySessionStore())
+
+
+@pytest.mark.slow
+def test_onnx_backend_gives_the_torch_answer(dev_models, tmp_path):  # noqa: F811
+    pytest.importorskip("onnxruntime")
+    import shutil
+
+    shutil.copytree(dev_models / "bsbr", tmp_path / "bsbr")  # the export writes next to the checkpoint
+    onnx = make_engine(tmp_path, backend="onnx")
+    torch_ = make_engine(dev_models)
+    pages = document(6)
+    a, b = run(onnx.classify(pages=pages)), run(torch_.classify(pages=pages))
+    assert a["logits"] == pytest.approx(b["logits"], abs=1e-4) and onnx.info()["backend"] == "onnx"
 
 
 # --- store --------------------------------------------------------------------------------
