@@ -133,10 +133,9 @@ def _metrics_port() -> int | None:
 
 
 def _trained(path: str) -> bool:
-    from serve.config import model_card
+    from serve.config import is_trained
 
-    card = model_card(path)
-    return bool(card) and card.get("trained", True) is not False
+    return is_trained(path)
 
 
 # --- init-models ----------------------------------------------------------------------

@@ -168,6 +168,16 @@ def missing_models_message(root: Path) -> str:
     )
 
 
+def is_trained(path: str | Path) -> bool:
+    """False for `init-models --random` models (metrics.json says so) and for
+    checkpoints with no training record at all."""
+    card = model_card(path)
+    if "trained" in card:
+        return bool(card["trained"])
+    p = Path(path)
+    return (p / "metrics.json").is_file() or (p / "training.json").is_file()
+
+
 def model_card(path: str | Path) -> dict[str, Any]:
     """What `models/<name>/metrics.json` says about training (empty if absent)."""
     f = Path(path) / "metrics.json"

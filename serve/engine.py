@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
-from serve.config import ModelSpec, SessionConfig, model_card
+from serve.config import ModelSpec, SessionConfig, is_trained, model_card
 from serve.errors import (
     BackendUnsupported,
     SeqGap,
@@ -210,7 +210,7 @@ class Engine:
             "max_tokens": self.max_tokens, "page_tokens": self.page_tokens, "max_length": c.max_length,
             "hidden_dim": c.hidden_dim, "num_layers": c.num_layers, "num_heads": c.num_heads,
             "vocab_size": c.vocab_size, "backend": self.spec.backend, "device": str(self.model.device),
-            "trained": bool(self._card) and self._card.get("trained", True) is not False,
+            "trained": is_trained(self.spec.path),
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "card": self._card,
         }

@@ -1,0 +1,296 @@
+"""Serving latency and throughput of bsbr vs standard, as deployed (issue 4's closing note).
+
+Starts a local Ray with the Serve application (one replica per model, the
+machine's cores for torch), then measures over real HTTP on 127.0.0.1:
+
+1. one-shot classify latency of a 10-page and a 100-page document;
+2. per-page latency along one streamed document (a session, page by page),
+   reported at pages 1, 50 and 200: `page_ms` is the model step (what
+   bsbr_page_latency_seconds records), `request_ms` the whole HTTP request
+   including the checkpoint of the state to the session store;
+3. throughput (pages/s) of 8 documents read by 1 session at a time vs 8
+   concurrent sessions;
+4. HTTP end-to-end throughput of (3, 8 concurrent) as a fraction of the
+   engine's in-process throughput on the same documents (same engine code,
+   an in-memory store, no Ray, no HTTP).
+
+A page is about `page_tokens` (512) tokens of generated prose, sent as an
+element of `pages`. Models: `--models-dir` (default models/), else random-init
+reference-size models (hidden 256, 4 layers, chunk 128, vocab 16384) written
+to a temporary directory, labelled untrained in the JSON.
+
+    python bench/serve_latency.py                      # writes bench/results/serve_latency.json
+    python bench/serve_latency.py --quick              # small sizes, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from serve.config import ModelSpec, SessionConfig, discover_models, is_trained  # noqa: E402
+from serve.devmodels import sample_text, write_random_models  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_text(tokenizer, n_tokens: int, seed: int) -> str:
+    """Generated prose of at least n_tokens tokens."""
+    import random
+
+    rng = random.Random(seed)
+    parts, have = [], 0
+    while have < n_tokens:
+        chunk = sample_text(rng, 400)
+        parts.append(chunk)
+        have += len(tokenizer.encode(chunk, add_special_tokens=False).ids)
+    text = "\n".join(parts)
+    ids = tokenizer.encode(text, add_special_tokens=False).ids[:n_tokens]
+    return tokenizer.decode(ids)
+
+
+def page_texts(tokenizer, text: str, page_tokens: int) -> list[str]:
+    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    return [tokenizer.decode(ids[i : i + page_tokens]) for i in range(0, len(ids), page_tokens)]
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                                          "python": platform.python_version()}}
+
+    # --- setup ---------------------------------------------------------------------------
+
+    def models(self) -> tuple[Path, bool]:
+        root = Path(self.args.models_dir) if self.args.models_dir else ROOT / "models"
+        found = discover_models(root)
+        names = {s.name for s in found}
+        if {"bsbr", "standard"} <= names:
+            trained = all(is_trained(root / n) for n in ("bsbr", "standard"))
+            return root, trained
+        tmp = Path(tempfile.mkdtemp(prefix="bsbr-bench-models-"))
+        size = "tiny" if self.args.quick else "reference"
+        print(f"no bsbr+standard under {root}: writing random-init {size} models to {tmp}", flush=True)
+        write_random_models(tmp, ("bsbr", "standard"), size=size, vocab_size=16384 if size == "reference" else 300)
+        return tmp, False
+
+    def app_args(self, root: Path) -> dict:
+        cpus = os.cpu_count() or 2
+        max_tokens = (self.args.stream_pages + 8) * self.args.page_tokens
+        common = {"page_tokens": self.args.page_tokens, "max_tokens": max(max_tokens, 110 * self.args.page_tokens),
+                  "torch_threads": cpus, "ray_actor_options": {"num_cpus": 1}, "max_batch_size": 16}
+        return {
+            "models": [{"name": n, "path": str(root / n), **common} for n in ("bsbr", "standard")],
+            "sessions": {"max_store_bytes": 16 << 30, "store_name": f"bench_store_{os.getpid()}"},
+            "http": {"max_body_bytes": 64 << 20},
+            "ingress": {"ray_actor_options": {"num_cpus": 0.5}},
+        }
+
+    # --- measurements -------------------------------------------------------------------------
+
+    def oneshot(self, c: httpx.Client, model: str, pages: list[str]) -> dict:
+        n_pages = len(pages)
+        t0 = time.perf_counter()
+        r = c.post("/v1/classify", json={"model": model, "pages": pages})
+        wall = (time.perf_counter() - t0) * 1000
+        r.raise_for_status()
+        body = r.json()
+        return {"pages": n_pages, "tokens": body["num_tokens"], "http_ms": wall, "server_ms": body["timing"]["total_ms"],
+                "peak_memory_bytes": body["peak_memory_bytes"], "state_bytes": body["state_bytes"]}
+
+    def stream(self, c: httpx.Client, model: str, pages: list[str]) -> dict:
+        sid = c.post("/v1/sessions", json={"model": model}).json()["session_id"]
+        page_ms, request_ms, state_bytes = [], [], []
+        for i, p in enumerate(pages):
+            t0 = time.perf_counter()
+            r = c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]})
+            request_ms.append((time.perf_counter() - t0) * 1000)
+            r.raise_for_status()
+            body = r.json()
+            page_ms.append(body["timing"]["page_ms"][0])
+            state_bytes.append(body["state_bytes"])
+            if (i + 1) % 25 == 0:
+                print(f"    {model}: page {i + 1}/{len(pages)}  step {page_ms[-1]:.0f} ms  "
+                      f"request {request_ms[-1]:.0f} ms  state {state_bytes[-1] / 2**20:.1f} MiB", flush=True)
+        c.delete(f"/v1/sessions/{sid}")
+        at = {str(k): {"page_ms": page_ms[k - 1], "request_ms": request_ms[k - 1], "state_bytes": state_bytes[k - 1]}
+              for k in (1, 50, 200) if k <= len(pages)}
+        return {"at_page": at, "page_ms": page_ms, "request_ms": request_ms, "state_bytes": state_bytes}
+
+    def http_throughput(self, url: str, model: str, docs: list[list[str]], concurrency: int) -> dict:
+        """pages/s for reading every doc as a session, `concurrency` sessions at a time."""
+        todo = list(enumerate(docs))
+        lock = threading.Lock()
+
+        def worker():
+            with httpx.Client(base_url=url, timeout=3600) as c:
+                while True:
+                    with lock:
+                        if not todo:
+                            return
+                        _, pages = todo.pop()
+                    sid = c.post("/v1/sessions", json={"model": model}).json()["session_id"]
+                    for i, p in enumerate(pages):
+                        c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]}).raise_for_status()
+                    c.delete(f"/v1/sessions/{sid}")
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        secs = time.perf_counter() - t0
+        n = sum(len(d) for d in docs)
+        return {"concurrency": concurrency, "pages": n, "seconds": secs, "pages_per_s": n / secs}
+
+    def engine_throughput(self, root: Path, model: str, docs: list[list[str]], concurrency: int) -> dict:
+        """The same sessions through the engine in this process (memory store, no HTTP, no Ray)."""
+        import torch
+
+        from serve.engine import load_engine
+        from serve.store import MemorySessionStore
+
+        torch.set_num_threads(os.cpu_count() or 2)
+        spec = ModelSpec(name=model, path=str(root / model), page_tokens=self.args.page_tokens,
+                         max_tokens=(self.args.stream_pages + 8) * self.args.page_tokens, max_batch_size=16)
+        eng = load_engine(model, spec, SessionConfig(max_store_bytes=16 << 30), MemorySessionStore(max_store_bytes=16 << 30))
+
+        async def go():
+            sem = asyncio.Semaphore(concurrency)
+
+            async def read(pages):
+                async with sem:
+                    sid = (await eng.create_session())["session_id"]
+                    for i, p in enumerate(pages):
+                        await eng.append(sid, i, pages=[p])
+                    await eng.close(sid)
+
+            await read(docs[0][:1])  # warm-up
+            t0 = time.perf_counter()
+            await asyncio.gather(*(read(d) for d in docs))
+            return time.perf_counter() - t0
+
+        secs = asyncio.run(go())
+        n = sum(len(d) for d in docs)
+        return {"concurrency": concurrency, "pages": n, "seconds": secs, "pages_per_s": n / secs,
+                "batches": eng.batcher.batches, "batched_steps": eng.batcher.batched_steps}
+
+    # --- run --------------------------------------------------------------------------------------
+
+    def run(self) -> dict:
+        import ray
+        from ray import serve
+        from tokenizers import Tokenizer
+
+        from serve.app import build_app
+
+        a = self.args
+        root, trained = self.models()
+        self.results.update({"models_dir": str(root), "trained": trained, "page_tokens": a.page_tokens,
+                             "config": {n: json.loads((root / n / "config.json").read_text()) for n in ("bsbr", "standard")}})
+        tok = Tokenizer.from_file(str(root / "bsbr" / "tokenizer.json"))
+        n_long = max(a.stream_pages, 100)
+        long_text = make_text(tok, n_long * a.page_tokens, seed=1)
+        all_pages = page_texts(tok, long_text, a.page_tokens)
+        docs = [page_texts(tok, make_text(tok, a.tp_pages * a.page_tokens, seed=100 + i), a.page_tokens)
+                for i in range(a.tp_docs)]
+
+        port, mport = free_port(), free_port()
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False,
+                 _metrics_export_port=mport, object_store_memory=a.object_store_mb << 20,
+                 logging_level="warning", log_to_driver=False)
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.run(build_app(self.app_args(root)), name="bench", route_prefix="/")
+            url = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=url, timeout=7200) as c:
+                for m in ("bsbr", "standard"):  # warm-up
+                    c.post("/v1/classify", json={"model": m, "pages": ["warm up"]}).raise_for_status()
+                for m in a.models:
+                    print(f"[{m}] one-shot classify", flush=True)
+                    self.results.setdefault("oneshot", {})[m] = {
+                        str(n): self.oneshot(c, m, all_pages[:n]) for n in (10, 100)
+                    }
+                    print(f"[{m}] streamed document, {a.stream_pages} pages", flush=True)
+                    self.results.setdefault("stream", {})[m] = self.stream(c, m, all_pages[: a.stream_pages])
+                for m in a.models:
+                    print(f"[{m}] throughput 1 vs 8 concurrent sessions", flush=True)
+                    self.results.setdefault("throughput_http", {})[m] = {
+                        str(k): self.http_throughput(url, m, docs, k) for k in (1, 8)
+                    }
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+        for m in a.models:
+            print(f"[{m}] in-process engine throughput", flush=True)
+            eng = {str(k): self.engine_throughput(root, m, docs, k) for k in (1, 8)}
+            self.results.setdefault("throughput_engine", {})[m] = eng
+            http8 = self.results["throughput_http"][m]["8"]["pages_per_s"]
+            self.results.setdefault("http_over_engine", {})[m] = http8 / eng["8"]["pages_per_s"]
+        return self.results
+
+
+def summary(r: dict) -> str:
+    lines = [f"models: {r['models_dir']} ({'trained' if r['trained'] else 'UNTRAINED random init'}), "
+             f"page = {r['page_tokens']} tokens, {r['machine']['cpus']} CPUs"]
+    lines.append(f"{'':<10}{'1-shot 10p ms':>15}{'1-shot 100p ms':>16}{'p1 step':>9}{'p50 step':>9}{'p200 step':>10}"
+                 f"{'p1 req':>8}{'p50 req':>9}{'p200 req':>10}{'1 sess p/s':>11}{'8 sess p/s':>11}{'http/eng':>9}")
+    for m in r.get("oneshot", {}):
+        o, s = r["oneshot"][m], r["stream"][m]["at_page"]
+        t = r["throughput_http"][m]
+
+        def g(k, f):
+            return f"{s[k][f]:.0f}" if k in s else "-"
+
+        lines.append(f"{m:<10}{o['10']['http_ms']:>15.0f}{o['100']['http_ms']:>16.0f}{g('1', 'page_ms'):>9}"
+                     f"{g('50', 'page_ms'):>9}{g('200', 'page_ms'):>10}{g('1', 'request_ms'):>8}{g('50', 'request_ms'):>9}"
+                     f"{g('200', 'request_ms'):>10}{t['1']['pages_per_s']:>11.2f}{t['8']['pages_per_s']:>11.2f}"
+                     f"{r['http_over_engine'][m]:>9.2f}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models-dir", default=None)
+    p.add_argument("--models", default="bsbr,standard")
+    p.add_argument("--page-tokens", type=int, default=512)
+    p.add_argument("--stream-pages", type=int, default=200)
+    p.add_argument("--tp-docs", type=int, default=8, help="documents for the throughput runs")
+    p.add_argument("--tp-pages", type=int, default=4, help="pages per throughput document")
+    p.add_argument("--object-store-mb", type=int, default=3072)
+    p.add_argument("--quick", action="store_true", help="tiny models and few pages: a smoke run")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_latency.json"))
+    a = p.parse_args()
+    a.models = [m for m in a.models.split(",") if m]
+    if a.quick:
+        a.stream_pages, a.page_tokens, a.object_store_mb = 60, 64, 300
+    r = Bench(a).run()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=2) + "\n")
+    print(summary(r))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
