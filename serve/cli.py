@@ -81,10 +81,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     num_cpus = max(args.num_cpus or os.cpu_count() or 1, needed)
     if args.num_cpus and args.num_cpus < needed:
         print(f"note: the replicas ask for {needed} CPUs; Ray schedules with {num_cpus}", file=sys.stderr)
+    metrics_port = args.metrics_port
+    if metrics_port and not _port_free("0.0.0.0", metrics_port):
+        print(f"note: metrics port {metrics_port} is taken; Ray picks a free one (printed below)", file=sys.stderr)
+        metrics_port = 0
     print(f"starting Ray (num_cpus={num_cpus}) and models: {', '.join(m.name for m in cfg.models)}", flush=True)
     ray.init(
         address="local", num_cpus=num_cpus, include_dashboard=False,
-        _metrics_export_port=args.metrics_port or None, logging_level="warning",
+        _metrics_export_port=metrics_port or None, logging_level="warning",
         object_store_memory=args.object_store_mb << 20 if args.object_store_mb else None,
     )
     stop = {"now": False}
@@ -121,6 +125,17 @@ def cmd_up(args: argparse.Namespace) -> int:
             ray.shutdown()
     print("stopped.", flush=True)
     return code
+
+
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
 
 
 def _metrics_port() -> int | None:

@@ -21,6 +21,8 @@ from serve.metrics import RayServeMetrics
 logger = logging.getLogger("ray.serve")
 
 SWEEP_INTERVAL_S = 10.0
+# Ray forgets a gauge nobody sets for two export intervals: refresh it well within one.
+GAUGE_REFRESH_S = 1.0
 
 
 def _torch_threads(spec: ModelSpec) -> int:
@@ -45,28 +47,42 @@ class ModelServer:
             sessions_m.store, sessions_m.store_name, sessions_m.max_sessions,
             sessions_m.max_store_bytes, sessions_m.results_retained,
         )
+        store.connect()
         self.engine = load_engine(name, spec_m, sessions_m, store, RayServeMetrics(name))
         try:
             self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         except Exception:  # noqa: BLE001 - outside Serve (direct construction in tests)
             self.replica = f"local:{os.getpid()}"
         self._sweeper: asyncio.Task | None = None
+        try:
+            self._start_sweeper()
+        except RuntimeError:  # no event loop here: the first request starts it
+            pass
         logger.info("model %s loaded on %s (%s)", name, self.engine.model.device, self.replica)
 
-    async def _answer(self, coro) -> dict[str, Any]:
+    def _start_sweeper(self) -> None:
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def _answer(self, coro) -> dict[str, Any]:
+        self._start_sweeper()
         try:
             return {"result": await coro, "replica": self.replica}
         except ServeError as e:
             return {**e.to_wire(), "replica": self.replica}
 
     async def _sweep_forever(self):
+        since_sweep = 0.0
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            self.engine.sweep()
+            await asyncio.sleep(GAUGE_REFRESH_S)
+            since_sweep += GAUGE_REFRESH_S
+            if since_sweep >= SWEEP_INTERVAL_S:
+                self.engine.sweep()
+                since_sweep = 0.0
+            self.engine.metrics.sessions_active(len(self.engine.hot))
 
     async def ready(self) -> bool:
+        self._start_sweeper()
         return True
 
     async def info(self) -> dict[str, Any]:

@@ -186,6 +186,9 @@ class SessionTable:
 class SessionStore(abc.ABC):
     """What the engine needs from a checkpoint store. Errors are ServeErrors."""
 
+    def connect(self) -> None:
+        """Reach (or create) the backing store now rather than on first use."""
+
     @abc.abstractmethod
     async def create(self, session_id: str, model: str, ttl_s: float) -> dict[str, Any]: ...
 
@@ -242,12 +245,13 @@ class MemorySessionStore(SessionStore):
 class SessionStoreActor:
     """Ray actor around a SessionTable (see RayActorSessionStore).
 
+    Sweeps expired sessions and refreshes its gauges every `sweep_s`.
     Answers are plain values or wire errors (dicts), never pickled exceptions.
     Async methods without awaits run one at a time on the actor's event loop,
     so each call is atomic.
     """
 
-    def __init__(self, max_sessions: int, max_store_bytes: int, results_retained: int, sweep_s: float = 5.0):
+    def __init__(self, max_sessions: int, max_store_bytes: int, results_retained: int, sweep_s: float = 1.0):
         from ray.util import metrics
 
         self.table = SessionTable(max_sessions, max_store_bytes, results_retained)
@@ -257,10 +261,15 @@ class SessionStoreActor:
         self._bytes = metrics.Gauge("bsbr_session_store_bytes", description="checkpoint bytes held")
         self._max_bytes = metrics.Gauge("bsbr_session_store_max_bytes", description="sessions.max_store_bytes")
         self._sessions = metrics.Gauge("bsbr_session_store_sessions", description="live sessions in the store")
-        self._max_bytes.set(max_store_bytes)
         self._report()
+        try:
+            self._ensure_sweeper()
+        except RuntimeError:  # no event loop yet: the first call starts it
+            pass
 
     def _report(self):
+        # Set every second by the sweeper, so Ray keeps exporting them while idle.
+        self._max_bytes.set(self.table.max_store_bytes)
         self._bytes.set(self.table.total_bytes)
         self._sessions.set(len(self.table.sessions))
 
@@ -301,6 +310,9 @@ class RayActorSessionStore(SessionStore):
         self.name = name
         self._args = (max_sessions, max_store_bytes, results_retained)
         self._actor = None
+
+    def connect(self) -> None:
+        self._handle()
 
     def _handle(self):
         if self._actor is None:
