@@ -41,8 +41,8 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve.config import ModelSpec, SessionConfig, discover_models, is_trained  # noqa: E402
-from serve.devmodels import sample_text, write_random_models  # noqa: E402
+from serve.config import ModelSpec, SessionConfig, discover_models, is_trained
+from serve.devmodels import sample_text, write_random_models
 
 
 def free_port() -> int:
@@ -250,16 +250,16 @@ class Bench:
 
 
 def summary(r: dict) -> str:
-    lines = [f"models: {r['models_dir']} ({'trained' if r['trained'] else 'UNTRAINED random init'}), "
-             f"page = {r['page_tokens']} tokens, {r['machine']['cpus']} CPUs"]
+    lines = [(f"models: {r['models_dir']} ({'trained' if r['trained'] else 'UNTRAINED random init'}), "
+              f"page = {r['page_tokens']} tokens, {r['machine']['cpus']} CPUs")]
     lines.append(f"{'':<10}{'1-shot 10p ms':>15}{'1-shot 100p ms':>16}{'p1 step':>9}{'p50 step':>9}{'p200 step':>10}"
                  f"{'p1 req':>8}{'p50 req':>9}{'p200 req':>10}{'1 sess p/s':>11}{'8 sess p/s':>11}{'http/eng':>9}")
     for m in r.get("oneshot", {}):
-        o, s = r["oneshot"][m], r["stream"][m]["at_page"]
+        o, at = r["oneshot"][m], r["stream"][m]["at_page"]
         t = r["throughput_http"][m]
 
-        def g(k, f):
-            return f"{s[k][f]:.0f}" if k in s else "-"
+        def g(k, f, at=at):
+            return f"{at[k][f]:.0f}" if k in at else "-"
 
         lines.append(f"{m:<10}{o['10']['http_ms']:>15.0f}{o['100']['http_ms']:>16.0f}{g('1', 'page_ms'):>9}"
                      f"{g('50', 'page_ms'):>9}{g('200', 'page_ms'):>10}{g('1', 'request_ms'):>8}{g('50', 'request_ms'):>9}"

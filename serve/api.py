@@ -13,7 +13,8 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -206,6 +207,7 @@ class NdjsonStream(StreamingResponse):
 
 app.add_middleware(LimitsAndTiming)
 
+
 def _is_session_id(s: str) -> bool:
     return len(s) == 32 and all(c in "0123456789abcdef" for c in s)
 
@@ -242,6 +244,7 @@ class Api:
             self.metrics = EngineMetrics()
         configure_runtime(self.metrics, set(models), self.cfg.http.max_body_bytes)
         s = self.cfg.sessions
+        # Only to find which model owns a session; the model replicas own the sessions.
         self.store = make_store(s.store, s.store_name, s.max_sessions, s.max_store_bytes, s.results_retained)
         self._session_model: OrderedDict[str, str] = OrderedDict()
         self._info: dict[str, dict[str, Any]] = {}
@@ -292,12 +295,24 @@ class Api:
             raise SessionNotFound(f"session {session_id!r} not found (ids are 32 hex characters)")
         model = self._session_model.get(session_id)
         if model is None:
-            model = (await self.store.head(session_id))["model"]
+            model = await self._lookup_model(session_id)
             self._session_model[session_id] = model
             while len(self._session_model) > 100_000:
                 self._session_model.popitem(last=False)
         request.state.model = model
         return model
+
+    async def _lookup_model(self, session_id: str) -> str:
+        if self.cfg.sessions.store != "memory":
+            return (await self.store.head(session_id))["model"]
+        # A per-replica store: only the model replicas know their sessions.
+        for name in self.models:
+            try:
+                await self._call(name, "get", session_id, session_id=session_id)
+                return name
+            except SessionNotFound:
+                continue
+        raise SessionNotFound(f"session {session_id} not found (unknown, deleted or expired)")
 
     @staticmethod
     def _with_replica(body: dict[str, Any], request: Request, status: int = 200) -> JSONResponse:
@@ -450,5 +465,5 @@ class Api:
     async def _close_quietly(self, model: str, session_id: str) -> None:
         try:
             await self._call(model, "close", session_id, session_id=session_id)
-        except Exception:  # noqa: BLE001 - best effort; the TTL collects it otherwise
-            pass
+        except Exception as e:  # noqa: BLE001 - best effort; the TTL collects it otherwise
+            logger.info("could not close stream session %s: %s", session_id, e)

@@ -78,7 +78,7 @@ class ModelSpec(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _replicas_or_autoscaling(self) -> "ModelSpec":
+    def _replicas_or_autoscaling(self) -> ModelSpec:
         if self.autoscaling_config is not None and isinstance(self.num_replicas, int):
             # Serve rejects both at once; autoscaling wins when given.
             self.num_replicas = None
@@ -125,14 +125,14 @@ class AppConfig(_Strict):
     ingress: IngressConfig = Field(default_factory=IngressConfig)
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "AppConfig":
+    def _unique_names(self) -> AppConfig:
         names = [m.name for m in self.models]
         dup = {n for n in names if names.count(n) > 1}
         if dup:
             raise ValueError(f"duplicate model names: {sorted(dup)}")
         return self
 
-    def with_discovered_models(self) -> "AppConfig":
+    def with_discovered_models(self) -> AppConfig:
         """Fill an empty `models` from the model directories under models_dir."""
         if self.models:
             return self

@@ -12,12 +12,7 @@ from pathlib import Path
 
 DEV_LABELS = ["admin-guide", "driver-api", "filesystems", "networking", "process"]
 
-_WORDS = (
-    "kernel driver memory page block device file system network socket packet process thread "
-    "scheduler lock mutex interrupt queue buffer cache disk inode mount user admin guide api "
-    "configure module parameter register read write open close map virtual physical address "
-    "the a of to and in is for with on that by this be are as it from at or an can will"
-).split()
+_WORDS = ["kernel", "driver", "memory", "page", "block", "device", "file", "system", "network", "socket", "packet", "process", "thread", "scheduler", "lock", "mutex", "interrupt", "queue", "buffer", "cache", "disk", "inode", "mount", "user", "admin", "guide", "api", "configure", "module", "parameter", "register", "read", "write", "open", "close", "map", "virtual", "physical", "address", "the", "a", "of", "to", "and", "in", "is", "for", "with", "on", "that", "by", "this", "be", "are", "as", "it", "from", "at", "or", "an", "can", "will"]
 
 
 def sample_text(rng: random.Random, n_words: int) -> str:
@@ -50,9 +45,9 @@ def train_dev_tokenizer(vocab_size: int = 300, seed: int = 0):
 
 # Sizes: "tiny" for tests (milliseconds per page), "small" for local development.
 SIZES = {
-    "tiny": dict(hidden_dim=32, num_layers=2, num_heads=2, ff_dim=64, chunk_size=16),
-    "small": dict(hidden_dim=128, num_layers=2, num_heads=4, ff_dim=512, chunk_size=64),
-    "reference": dict(hidden_dim=256, num_layers=4, num_heads=4, ff_dim=1024, chunk_size=128),
+    "tiny": {"hidden_dim": 32, "num_layers": 2, "num_heads": 2, "ff_dim": 64, "chunk_size": 16},
+    "small": {"hidden_dim": 128, "num_layers": 2, "num_heads": 4, "ff_dim": 512, "chunk_size": 64},
+    "reference": {"hidden_dim": 256, "num_layers": 4, "num_heads": 4, "ff_dim": 1024, "chunk_size": 128},
 }
 
 

@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -112,7 +113,7 @@ class StepBatcher:
         self.peak.reset()
         try:
             out = self.model.step_many([j.ids for j in batch], [j.state for j in batch])
-        except Exception:
+        except Exception:  # noqa: BLE001 - find the document at fault, step by step below
             out = []
             for j in batch:
                 try:

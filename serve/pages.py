@@ -7,7 +7,7 @@ tokens of its pages whatever way the client cut it into requests.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from serve.errors import EmptyDocument, InvalidEncoding
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-from typing import List, Optional
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
@@ -38,9 +37,9 @@ def rendezvous_rank(key: str, replica_ids: list[str]) -> list[str]:
 class SessionAffinityRouter(RequestRouter):
     async def choose_replicas(
         self,
-        candidate_replicas: List[RunningReplica],
-        pending_request: Optional[PendingRequest] = None,
-    ) -> List[List[RunningReplica]]:
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
         if pending_request is None:

@@ -8,8 +8,6 @@ pages of the model's `page_tokens` tokens.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 
@@ -19,11 +17,11 @@ class _Request(BaseModel):
 
 
 class _Document(_Request):
-    text: Optional[StrictStr] = Field(
+    text: StrictStr | None = Field(
         default=None, description="the document; form feeds (\\f) separate pages",
         examples=["First page.\fSecond page."],
     )
-    pages: Optional[list[StrictStr]] = Field(
+    pages: list[StrictStr] | None = Field(
         default=None, description="the document as a list of pages", examples=[["First page.", "Second page."]],
     )
 
@@ -44,7 +42,7 @@ class ClassifyRequest(_Document):
 
 class SessionCreateRequest(_Request):
     model: StrictStr = Field(description="a model name from GET /v1/models", examples=["bsbr"])
-    ttl_s: Optional[float] = Field(
+    ttl_s: float | None = Field(
         default=None, gt=0, description="idle time-to-live; at most (and by default) the server's sessions.ttl_s",
     )
 
@@ -91,7 +89,7 @@ class ModelInfo(BaseModel):
     chunk_size: int
     max_tokens: int = Field(description="longest document accepted (tokens); beyond: 413")
     page_tokens: int = Field(description="page size for text without form feeds")
-    max_length: Optional[int] = Field(description="standard-512 baseline: tokens read; null: all")
+    max_length: int | None = Field(description="standard-512 baseline: tokens read; null: all")
     hidden_dim: int
     num_layers: int
     num_heads: int
@@ -108,7 +106,7 @@ class ModelList(BaseModel):
 
 
 class Prediction(BaseModel):
-    label: Optional[str] = Field(description="argmax label; null before the first token")
+    label: str | None = Field(description="argmax label; null before the first token")
     scores: dict[str, float] = Field(description="softmax probability per label")
     logits: dict[str, float] = Field(description="raw logit per label")
     num_tokens: int
@@ -145,7 +143,7 @@ class SessionResult(Prediction):
 
     session_id: str
     model: str
-    seq: Optional[int] = Field(description="last applied seq; null before the first page")
+    seq: int | None = Field(description="last applied seq; null before the first page")
     timing: SessionTiming
     expires_in_s: float
     final: bool = Field(default=False, description="true on DELETE and on the last line of a stream")

@@ -49,7 +49,7 @@ class SessionRecord:
     last_access: float
     next_seq: int = 0
     blob: bytes | None = None
-    results: "OrderedDict[int, dict]" = field(default_factory=OrderedDict)
+    results: OrderedDict[int, dict] = field(default_factory=OrderedDict)
 
     def meta(self, now: float) -> dict[str, Any]:
         return {

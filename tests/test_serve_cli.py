@@ -4,9 +4,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest_serve import client, dev_models, document, serve_cluster  # noqa: F401 - fixtures
+from conftest_serve import document
 
 from serve.cli import main
+
+pytest_plugins = ["conftest_serve"]
 
 
 @pytest.fixture

@@ -5,14 +5,22 @@ import asyncio
 
 import pytest
 import torch
-from conftest_serve import dev_models, document  # noqa: F401 - fixtures
+from conftest_serve import document
 
 from serve import errors
-from serve.config import DEFAULT_MAX_TOKENS_STANDARD, AppConfig, ModelSpec, SessionConfig, discover_models
+from serve.config import (
+    DEFAULT_MAX_TOKENS_STANDARD,
+    AppConfig,
+    ModelSpec,
+    SessionConfig,
+    discover_models,
+)
 from serve.engine import load_engine
 from serve.pages import text_pages, tokenize_document
 from serve.router import rendezvous_rank
 from serve.store import MemorySessionStore, SessionTable
+
+pytest_plugins = ["conftest_serve"]
 
 
 def run(coro):
@@ -97,20 +105,20 @@ def test_config_rejects_bad_values():
         AppConfig.model_validate({"sessoins": {}})  # typo: unknown key
 
 
-def test_models_are_discovered_bsbr_first(dev_models):  # noqa: F811
+def test_models_are_discovered_bsbr_first(dev_models):
     assert [s.name for s in discover_models(dev_models)] == ["bsbr", "standard"]
     with pytest.raises(FileNotFoundError, match="init-models --random"):
         AppConfig(models_dir=str(dev_models / "nothing-here")).with_discovered_models()
 
 
-def test_unknown_backend_fails_clearly(dev_models):  # noqa: F811
+def test_unknown_backend_fails_clearly(dev_models):
     spec = ModelSpec(name="bsbr", path=str(dev_models / "bsbr")).model_copy(update={"backend": "tensorrt"})
     with pytest.raises(errors.BackendUnsupported, match="unknown backend"):
         load_engine("bsbr", spec, SessionConfig(), MemorySessionStore())
 
 
 @pytest.mark.slow
-def test_onnx_backend_gives_the_torch_answer(dev_models, tmp_path):  # noqa: F811
+def test_onnx_backend_gives_the_torch_answer(dev_models, tmp_path):
     pytest.importorskip("onnxruntime")
     import shutil
 
@@ -202,7 +210,7 @@ def test_rendezvous_ranking_is_stable_and_moves_few_sessions():
 
 
 @pytest.mark.parametrize("name", ["bsbr", "standard"])
-def test_session_pages_give_the_one_shot_logits(dev_models, name):  # noqa: F811
+def test_session_pages_give_the_one_shot_logits(dev_models, name):
     eng = make_engine(dev_models, name)
     pages = document(50)
     ref = one_shot_logits(eng, pages).double()
@@ -223,7 +231,7 @@ def test_session_pages_give_the_one_shot_logits(dev_models, name):  # noqa: F811
     assert one["state_bytes"] > 0 and one["peak_memory_bytes"] > 0
 
 
-def test_text_with_form_feeds_equals_the_same_pages(dev_models):  # noqa: F811
+def test_text_with_form_feeds_equals_the_same_pages(dev_models):
     eng = make_engine(dev_models)
     pages = document(5)
 
@@ -234,7 +242,7 @@ def test_text_with_form_feeds_equals_the_same_pages(dev_models):  # noqa: F811
     assert a["num_pages"] == b["num_pages"] == 5 and a["logits"] == b["logits"]
 
 
-def test_seq_repeat_returns_the_stored_answer_and_gap_is_409(dev_models):  # noqa: F811
+def test_seq_repeat_returns_the_stored_answer_and_gap_is_409(dev_models):
     eng = make_engine(dev_models)
     pages = document(3)
 
@@ -253,7 +261,7 @@ def test_seq_repeat_returns_the_stored_answer_and_gap_is_409(dev_models):  # noq
     assert now["seq"] == 1 and now["num_tokens"] == r1["num_tokens"] > r0["num_tokens"]
 
 
-def test_stale_hot_state_is_never_used(dev_models):  # noqa: F811
+def test_stale_hot_state_is_never_used(dev_models):
     """Two replicas share a store; one serves a page while the other holds an
     older hot copy: the other must resume from the store, not from its copy."""
     store = MemorySessionStore()
@@ -284,7 +292,7 @@ def test_stale_hot_state_is_never_used(dev_models):  # noqa: F811
     assert last["num_tokens"] == want["num_tokens"] and repeat["seq"] == 1
 
 
-def test_too_many_tokens_is_413_and_nothing_is_applied(dev_models):  # noqa: F811
+def test_too_many_tokens_is_413_and_nothing_is_applied(dev_models):
     eng = make_engine(dev_models, "standard", max_tokens=200)
     pages = document(20)
 
@@ -301,7 +309,7 @@ def test_too_many_tokens_is_413_and_nothing_is_applied(dev_models):  # noqa: F81
     assert now["num_tokens"] == r["num_tokens"] and now["seq"] == 0
 
 
-def test_store_full_is_429_and_the_session_continues(dev_models):  # noqa: F811
+def test_store_full_is_429_and_the_session_continues(dev_models):
     store = MemorySessionStore(max_store_bytes=1)
     eng = make_engine(dev_models, store=store)
 
@@ -316,7 +324,7 @@ def test_store_full_is_429_and_the_session_continues(dev_models):  # noqa: F811
     assert err.retry_after_s and ok["seq"] == 0
 
 
-def test_concurrent_sessions_are_batched(dev_models):  # noqa: F811
+def test_concurrent_sessions_are_batched(dev_models):
     eng = make_engine(dev_models)
     # Pages of exactly page_tokens tokens keep the documents aligned, so step_many batches them.
     text = " ".join(document(40, 30))
@@ -342,7 +350,7 @@ def test_concurrent_sessions_are_batched(dev_models):  # noqa: F811
     assert b.batches < b.batched_steps  # some steps shared a batch
 
 
-def test_a_failing_document_does_not_fail_its_batch(dev_models):  # noqa: F811
+def test_a_failing_document_does_not_fail_its_batch(dev_models):
     eng = make_engine(dev_models)
 
     async def go():
@@ -357,7 +365,7 @@ def test_a_failing_document_does_not_fail_its_batch(dev_models):  # noqa: F811
     assert not isinstance(good, Exception) and isinstance(bad, ValueError)
 
 
-def test_sessions_of_another_model_are_not_found(dev_models):  # noqa: F811
+def test_sessions_of_another_model_are_not_found(dev_models):
     store = MemorySessionStore()
     a, b = make_engine(dev_models, "bsbr", store), make_engine(dev_models, "standard", store)
 
@@ -369,6 +377,6 @@ def test_sessions_of_another_model_are_not_found(dev_models):  # noqa: F811
     run(go())
 
 
-def test_untrained_models_say_so(dev_models):  # noqa: F811
+def test_untrained_models_say_so(dev_models):
     info = make_engine(dev_models).info()
     assert info["trained"] is False and info["arch"] == "bsbr" and info["labels"]

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest_serve import client, dev_models, document, serve_cluster  # noqa: F401 - fixtures
+from conftest_serve import document
 
+pytest_plugins = ["conftest_serve"]
 pytestmark = pytest.mark.slow
 
 

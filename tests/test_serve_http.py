@@ -6,17 +6,15 @@ import time
 
 import pytest
 import torch
-from conftest_serve import (  # noqa: F401 - fixtures
+from conftest_serve import (
     MAX_BODY_BYTES,
     MAX_SESSIONS,
     PAGE_TOKENS,
     STANDARD_MAX_TOKENS,
-    client,
-    dev_models,
     document,
-    serve_cluster,
 )
 
+pytest_plugins = ["conftest_serve"]
 pytestmark = pytest.mark.slow
 
 
@@ -325,3 +323,28 @@ def test_bad_streams(client):
     r = post(b'{"text": "one page"}\n{"text": "two pages"}')
     lines = [json.loads(x) for x in r.text.splitlines() if x.strip()]
     assert lines[-1]["final"] is True and lines[-1]["num_pages"] == 2
+
+
+def test_stream_answers_each_page_before_the_next_is_sent(serve_cluster):
+    """Full duplex: the result of page i arrives while the request body is still open."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", serve_cluster["http_port"]), timeout=60) as s:
+        s.sendall(b"POST /v1/classify/stream?model=bsbr HTTP/1.1\r\nHost: test\r\n"
+                  b"Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+        def send_chunk(data: bytes) -> None:
+            s.sendall(b"%x\r\n" % len(data) + data + b"\r\n")
+
+        received = b""
+        for i in range(3):
+            send_chunk(json.dumps({"text": f"page {i} of an interactive stream"}).encode() + b"\n")
+            while b'"seq":%d' % i not in received:
+                data = s.recv(65536)  # times out (fails) if the answer waits for the whole body
+                assert data, "connection closed early"
+                received += data
+        send_chunk(b"")
+        while b'"final":true' not in received:
+            data = s.recv(65536)
+            assert data
+            received += data

@@ -12,10 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from conftest_serve import client, dev_models, document, free_port, serve_cluster  # noqa: F401 - fixtures
+from conftest_serve import document, free_port
 
 from serve.metrics import METRIC_NAMES
 
+pytest_plugins = ["conftest_serve"]
 pytestmark = pytest.mark.slow
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest_serve import dev_models, free_port  # noqa: F401 - fixtures
+from conftest_serve import free_port
 
+pytest_plugins = ["conftest_serve"]
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent / "bsbr-serve"
