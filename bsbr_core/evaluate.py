@@ -394,16 +394,28 @@ def write_model_card(model_dir: str | os.PathLike, eval_command: str | None = No
         "",
     ]
     if tr is not None:
+        # A run started with --init-from continues an earlier one: list every stage, oldest first.
+        stages = [tr]
+        while (stages[0].get("init_from") or {}).get("training"):
+            stages.insert(0, stages[0]["init_from"]["training"])
         tc = tr["train_config"]
-        hist = tr["history"]
+        total_s = sum(st["wall_time_s"] for st in stages)
         lines += [
             "## Training",
             "",
-            f"- Command: `{tr['command']}`",
             f"- Hardware: {tr['hardware']}",
-            f"- Wall time: {tr['wall_time_s'] / 60:.1f} min for {tr['epochs_run']} epochs, {tr['total_steps']} "
-            f"optimizer steps (including per-epoch validation; the CPU was shared with other jobs).",
-            f"- AdamW (lr {tc['lr']}, weight decay {tc['weight_decay']}, betas 0.9/0.98), "
+            f"- Wall time: {total_s / 60:.1f} min in all for {sum(st['epochs_run'] for st in stages)} epochs "
+            "(including per-epoch validation; the CPU was shared with other jobs).",
+        ]
+        for k, st in enumerate(stages, 1):
+            stc = st["train_config"]
+            lines.append(
+                (f"- Stage {k}" + (" (warm restart from stage " + str(k - 1) + "'s weights)" if k > 1 else "") + ": "
+                 if len(stages) > 1 else "- Command: ")
+                + f"`{st['command']}` ({st['epochs_run']} epochs, {st['total_steps']} optimizer steps, peak lr "
+                f"{stc['lr']}, {st['wall_time_s'] / 60:.1f} min)")
+        lines += [
+            f"- AdamW (weight decay {tc['weight_decay']}, betas 0.9/0.98), "
             f"{tc['warmup_frac']:.0%} linear warmup then cosine to {tc['min_lr_ratio']} x lr, gradient clipping "
             f"{tc['grad_clip']}, batches of at most {tc['batch_tokens']} padded tokens (length-bucketed), class-weighted "
             f"cross-entropy (weight (n_max/n_c)^{tc['balance_power']}), dropout {tr['model_config']['dropout']}, "
@@ -411,15 +423,16 @@ def write_model_card(model_dir: str | os.PathLike, eval_command: str | None = No
             f"- Each training step reads a window of at most {tc['max_train_tokens']} tokens of a document "
             + ("(its first tokens)." if tr["model_config"]["max_length"] or tc["crop"] == "head"
                else "starting at a random chunk boundary (another window every epoch)."),
-            f"- Shipped weights: epoch {tr['best']['epoch']}, the best validation accuracy"
+            f"- Shipped weights: the end of epoch {tr['best']['epoch']} of the last stage, its best validation accuracy"
             + (f" (validation documents read up to {tc['val_max_tokens']} tokens)." if tc.get("val_max_tokens")
                else " (whole validation documents)."),
             "",
-            "| epoch | train loss | validation accuracy | validation macro-F1 |",
-            "|---:|---:|---:|---:|",
+            "| stage | epoch | train loss | validation accuracy | validation macro-F1 |",
+            "|---:|---:|---:|---:|---:|",
         ]
-        lines += [f"| {h['epoch']} | {h['train_loss']:.4f} | {h['val_accuracy']:.4f} | {h['val_macro_f1']:.4f} |"
-                  for h in hist]
+        for k, st in enumerate(stages, 1):
+            lines += [f"| {k} | {h['epoch']} | {h['train_loss']:.4f} | {h['val_accuracy']:.4f} | "
+                      f"{h['val_macro_f1']:.4f} |" for h in st["history"]]
         lines += ["", "![convergence](curve.png)", ""]
     lines += [
         "## Test accuracy",

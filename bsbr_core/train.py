@@ -72,6 +72,8 @@ class TrainConfig:
     val_max_tokens: cap on validation documents (None: whole documents).
     stop_at_step: checkpoint and return once this many optimizer steps are
         done (to split a run; the same command resumes).
+    init_from: a saved model folder (same ModelConfig) to start from instead
+        of a random init; optimizer and schedule start afresh (a warm restart).
     """
 
     out_dir: str = "runs/bsbr"
@@ -97,6 +99,7 @@ class TrainConfig:
     stop_at_step: int | None = None
     export: str | None = None
     progress: bool = True
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.crop not in ("random", "head"):
@@ -320,11 +323,14 @@ def train(model_cfg: ModelConfig | dict, tc: TrainConfig, command: str | None = 
         _set_rng_state(trainer["rng"])
     else:
         out.mkdir(parents=True, exist_ok=True)
+        init_record = None
+        if tc.init_from is not None:
+            init_record = _init_from(model, cfg, Path(tc.init_from))
         trainer = {
             "format": TRAINER_FORMAT, "model_config": cfg.to_dict(), "train_config": dataclasses.asdict(tc),
             "command": command, "epoch": 0, "batch_in_epoch": 0, "global_step": 0, "epoch_loss_sum": 0.0,
             "epoch_docs": 0, "epoch_tokens": 0, "history": [], "best": None, "elapsed_s": 0.0,
-            "hardware": hardware_description(device), "resumes": 0,
+            "hardware": hardware_description(device), "resumes": 0, "init_from": init_record,
         }
 
     # Windows: max_length models only ever read their first max_length tokens.
@@ -426,6 +432,17 @@ def train(model_cfg: ModelConfig | dict, tc: TrainConfig, command: str | None = 
     return TrainResult(trainer, model.eval())
 
 
+def _init_from(model, cfg: ModelConfig, src: Path) -> dict:
+    """Load src's weights into model; returns what the model card says about it."""
+    from bsbr_core.io import load_config
+
+    if load_config(src).to_dict() != cfg.to_dict():
+        raise ValueError(f"--init-from {src} holds another model config than the one requested")
+    model.load_state_dict(load_file(str(src / "model.safetensors")))
+    prior = src / "training.json"
+    return {"path": str(src), "training": json.loads(prior.read_text()) if prior.is_file() else None}
+
+
 def _check_resumable(trainer: dict, cfg: ModelConfig, tc: TrainConfig, ckpt: Path) -> None:
     if trainer.get("format") != TRAINER_FORMAT:
         raise ValueError(f"{ckpt}/trainer.json has format {trainer.get('format')}, expected {TRAINER_FORMAT}")
@@ -452,6 +469,7 @@ def export_model(run_dir: str | os.PathLike, dest: str | os.PathLike, which: str
         shutil.copyfile(src / name, dest / name)
     summary = {k: trainer[k] for k in ("command", "model_config", "train_config", "history", "best", "hardware",
                                        "total_steps", "class_weights", "resumes")}
+    summary["init_from"] = trainer.get("init_from")
     summary["exported"] = which
     summary["epochs_run"] = trainer["epoch"]
     summary["wall_time_s"] = round(trainer["elapsed_s"], 1)
@@ -512,6 +530,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--val-max-tokens", type=int, default=None, help="cap validation documents (default whole)")
     t.add_argument("--stop-at-step", type=int, default=None, help="checkpoint and exit after this many steps")
     t.add_argument("--export", type=Path, default=None, help="write the best model here when training ends")
+    t.add_argument("--init-from", type=Path, default=None,
+                   help="start from this saved model's weights (same config); fresh optimizer and schedule")
     t.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_train)
 
@@ -538,7 +558,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             balance_power=args.balance_power, seed=args.seed, device=args.device,
             checkpoint_every=args.checkpoint_every, val_max_tokens=args.val_max_tokens,
             stop_at_step=args.stop_at_step, export=None if args.export is None else str(args.export),
-            progress=not args.no_progress,
+            progress=not args.no_progress, init_from=None if args.init_from is None else str(args.init_from),
         )
         # No vocab/labels yet: train() takes them from the tokenizer and the corpus.
         argv = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", *sys.argv[1:]]

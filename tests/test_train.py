@@ -200,3 +200,20 @@ def test_evaluate_reads_whole_documents_and_is_reproducible(tmp_path, corpus):
     with torch.enable_grad():
         one_pass = model(ids).detach()
     assert torch.allclose(segmented, one_pass, atol=1e-4)
+
+
+def test_init_from_warm_restart_is_recorded_in_the_card(tmp_path, corpus):
+    train(TINY_MODEL, tiny_train_config(tmp_path, corpus, "stage1", epochs=1, export=str(tmp_path / "stage1-model")))
+    with pytest.raises(ValueError, match="another model config"):
+        train({**TINY_MODEL, "ff_dim": 64}, tiny_train_config(tmp_path, corpus, "bad", epochs=1,
+                                                              init_from=str(tmp_path / "stage1-model")))
+    start, _ = load_model(tmp_path / "stage1-model")
+    result = train(TINY_MODEL, tiny_train_config(tmp_path, corpus, "stage2", epochs=1, stop_at_step=0,
+                                                 init_from=str(tmp_path / "stage1-model")))
+    for k, v in start.state_dict().items():
+        assert torch.equal(result.model.state_dict()[k], v), k
+    train(TINY_MODEL, tiny_train_config(tmp_path, corpus, "stage2", epochs=1, export=str(tmp_path / "model"),
+                                        init_from=str(tmp_path / "stage1-model")))
+    evaluate_model(tmp_path / "model", corpus, "test", cache_dir=tmp_path / "cache", progress=False)
+    card = write_model_card(tmp_path / "model").read_text()
+    assert "Stage 1: `" in card and "Stage 2 (warm restart" in card and "| 2 | 1 |" in card
