@@ -268,6 +268,30 @@ def summary(r: dict) -> str:
     return "\n".join(lines)
 
 
+def plot(r: dict, path: Path) -> None:
+    """Per-page latency along the streamed document, both models: step and whole request."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for m, color in zip(r["stream"], ("tab:blue", "tab:orange", "tab:green")):
+        st = r["stream"][m]
+        xs = range(1, len(st["page_ms"]) + 1)
+        ax.plot(xs, st["page_ms"], color=color, label=f"{m}: model step")
+        ax.plot(xs, st["request_ms"], color=color, ls="--", alpha=0.7, label=f"{m}: HTTP request (step + checkpoint)")
+    ax.set_yscale("log")
+    ax.set_xlabel(f"page index ({r['page_tokens']} tokens per page)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("per-page latency along one streamed document")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default=None)
@@ -279,16 +303,23 @@ def main() -> int:
     p.add_argument("--object-store-mb", type=int, default=3072)
     p.add_argument("--quick", action="store_true", help="tiny models and few pages: a smoke run")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_latency.json"))
+    p.add_argument("--replot", action="store_true", help="only redraw the table and PNG from --out")
     a = p.parse_args()
+    out = Path(a.out)
+    if a.replot:
+        r = json.loads(out.read_text())
+        plot(r, out.with_suffix(".png"))
+        print(summary(r))
+        return 0
     a.models = [m for m in a.models.split(",") if m]
     if a.quick:
         a.stream_pages, a.page_tokens, a.object_store_mb = 60, 64, 300
     r = Bench(a).run()
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")
+    plot(r, out.with_suffix(".png"))
     print(summary(r))
-    print(f"wrote {out}")
+    print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
 
