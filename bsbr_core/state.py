@@ -172,7 +172,17 @@ class State:
 
     # --- serialisation -------------------------------------------------------
 
-    def to_bytes(self) -> bytes:
+    def _log_lengths(self) -> dict[str, int]:
+        return {f"layers.{i}.{name}": v.length for i, layer in enumerate(self.layers)
+                for name, v in layer.items() if isinstance(v, AppendLog)}
+
+    def to_bytes(self, base: "State | None" = None) -> bytes:
+        """A self-contained blob; or, with `base` (an earlier state of the same
+        document that this one was stepped from), a delta blob holding only
+        what changed: the append logs' new entries and the small tensors.
+        A delta is restored with `State.from_bytes(delta, base=that_state)`,
+        so a checkpoint store can append O(page) bytes per page instead of
+        rewriting the O(document) history."""
         kinds = [
             {name: ({"log": v.dim} if isinstance(v, AppendLog) else "tensor") for name, v in layer.items()}
             for layer in self.layers
@@ -184,12 +194,28 @@ class State:
             "committed": self.committed,
             "layers": kinds,
         }
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors().items()}
+        tensors = self.tensors()
+        if base is not None:
+            if (base.arch, base.fingerprint) != (self.arch, self.fingerprint) or base.committed > self.committed \
+                    or base.num_tokens > self.num_tokens:
+                raise StateError("delta base is not an earlier state of this document")
+            base_logs = base._log_lengths()
+            header["base"] = {"num_tokens": base.num_tokens, "committed": base.committed, "logs": base_logs}
+            for i, layer in enumerate(self.layers):
+                for name, v in layer.items():
+                    key = f"layers.{i}.{name}"
+                    if isinstance(v, AppendLog) and key in tensors:
+                        start = base_logs.get(key, 0)
+                        if start > v.length:
+                            raise StateError(f"delta base has a longer {key} than this state")
+                        tensors[key] = tensors[key].narrow(v.dim, start, v.length - start)
+        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         payload = st_save(tensors, metadata={"bsbr_state": json.dumps(header)})
         return _HEADER.pack(MAGIC, FORMAT_VERSION, hashlib.sha256(payload).digest()) + payload
 
     @classmethod
-    def from_bytes(cls, blob: bytes) -> "State":
+    def from_bytes(cls, blob: bytes, base: "State | None" = None) -> "State":
+        """Restore a blob of to_bytes(); a delta blob needs the `base` it was made against."""
         if not isinstance(blob, (bytes, bytearray, memoryview)):
             raise StateError(f"state blob must be bytes, got {type(blob).__name__}")
         blob = bytes(blob)
@@ -205,15 +231,32 @@ class State:
             raise StateError("state blob checksum mismatch (corrupt or truncated)")
         try:
             tensors = st_load(payload)
-            meta = _safetensors_metadata(payload)
-            header = json.loads(meta["bsbr_state"])
+            header = json.loads(_safetensors_metadata(payload)["bsbr_state"])
+            delta_of = header.get("base")
+        except Exception as e:  # a well-formed checksum over a malformed payload: foreign writer
+            raise StateError(f"malformed state payload: {e}") from e
+        if delta_of is not None:
+            if base is None:
+                raise StateError("this is a delta state blob: restore it with the state it was made against")
+            if (base.arch, base.fingerprint) != (header["arch"], header["fingerprint"]) or \
+                    base.num_tokens != delta_of["num_tokens"] or base.committed != delta_of["committed"] or \
+                    base._log_lengths() != delta_of["logs"]:
+                raise StateError("delta state blob does not follow the given base state")
+        elif base is not None:
+            raise StateError("a full state blob takes no base")
+        try:
             layers: list[LayerState] = []
             for i, kinds in enumerate(header["layers"]):
                 layer: LayerState = {}
                 for name, kind in kinds.items():
                     t = tensors.get(f"layers.{i}.{name}")
                     if isinstance(kind, dict):
-                        layer[name] = AppendLog.empty(kind["log"]) if t is None else AppendLog.from_tensor(t, kind["log"])
+                        log = AppendLog.empty(kind["log"])
+                        if delta_of is not None and i < len(base.layers) and name in base.layers[i]:
+                            log = base.layers[i][name]
+                        if t is not None and t.shape[kind["log"]]:
+                            _, log = log.extend(t.to(log.view.device) if log.view is not None else t, commit=True)
+                        layer[name] = log
                     else:
                         layer[name] = t
                 layers.append(layer)
@@ -224,7 +267,7 @@ class State:
             )
         except StateError:
             raise
-        except Exception as e:  # a well-formed checksum over a malformed payload: foreign writer
+        except Exception as e:
             raise StateError(f"malformed state payload: {e}") from e
 
 

@@ -75,3 +75,44 @@ def test_fixed_size_states_do_not_grow():
         _, s1 = model.step(torch.randint(0, 97, (1, 64)), model.init_state(1))
         _, s2 = model.step(torch.randint(0, 97, (1, 640)), s1)
         assert s2.nbytes == s1.nbytes, arch
+
+
+@pytest.mark.parametrize("overrides", VARIANT_CFGS, ids=VARIANT_IDS)
+def test_delta_blobs_rebuild_the_state_page_by_page(overrides):
+    """A checkpoint chain (one full blob, then one delta per page) restores
+    the exact state, and a delta is much smaller than the full blob once the
+    document is long (for the mechanisms whose history grows)."""
+    model = small_model(**overrides)
+    ids = torch.randint(0, 97, (1, 140))
+    cuts = [0, 13, 40, 41, 77, 120, 140]
+    state = model.init_state(1)
+    chain = [state.to_bytes()]
+    for a, b in zip(cuts, cuts[1:]):
+        _, new = model.step(ids[:, a:b], state)
+        chain.append(new.to_bytes(base=state))
+        state = new
+    restored = State.from_bytes(chain[0])
+    for delta in chain[1:]:
+        restored = State.from_bytes(delta, base=restored)
+    assert restored.num_tokens == state.num_tokens and restored.nbytes == state.nbytes
+    tail = torch.randint(0, 97, (1, 29))
+    assert torch.equal(model.step(tail, restored)[0], model.step(tail, state)[0])
+    if overrides["arch"] in ("bsbr", "standard") and overrides.get("max_length") is None:
+        assert len(chain[-1]) < len(state.to_bytes()) / 2
+
+
+def test_delta_blob_needs_its_own_base():
+    model = small_model(arch="bsbr")
+    ids = torch.randint(0, 97, (1, 60))
+    _, s1 = model.step(ids[:, :20], model.init_state(1))
+    _, s2 = model.step(ids[:, 20:40], s1)
+    _, s3 = model.step(ids[:, 40:], s2)
+    delta = s3.to_bytes(base=s2)
+    with pytest.raises(StateError, match="delta"):
+        State.from_bytes(delta)              # no base
+    with pytest.raises(StateError, match="does not follow"):
+        State.from_bytes(delta, base=s1)     # the wrong base
+    with pytest.raises(StateError, match="takes no base"):
+        State.from_bytes(s3.to_bytes(), base=s2)
+    with pytest.raises(StateError, match="earlier state"):
+        s1.to_bytes(base=s3)
