@@ -4,11 +4,18 @@
     <out_dir>/forward.onnx   input_ids, attention_mask (batch, length) int64 -> logits (batch, num_labels)
     <out_dir>/onnx.json      format, opset, graph files and I/O, config, fingerprint, weights digest
 
-Only the encoder is traced (`torch.onnx.export(dynamo=True)`, see graphs.py);
-forward.onnx is that graph wrapped in a few ONNX nodes: truncate to
-max_length, pad to whole chunks, start from an empty state, masked mean
-pooling and the linear head. One trace per model instead of two (tracing
-dominates export time), and the two graphs cannot drift apart.
+Exporter: torch.export (non-strict, dynamic shapes) + torch.onnx's dynamo
+translation, opset 18. The TorchScript exporter is deprecated since torch
+2.9 and traces Python loops and size branches into constants; scripting
+the loops instead would fork the model code. torch.export keeps batch, piece
+length and history length symbolic, and its `scan` higher-order op becomes
+ONNX Scan, which carries the two loops that cannot be unrolled (graphs.py).
+
+Only the encoder is traced; forward.onnx is that graph wrapped in a few
+ONNX nodes: truncate to max_length, pad to whole chunks, start from an empty
+state, masked mean pooling and the linear head. One trace per model instead
+of two (tracing is most of the export time), and the two graphs cannot
+drift apart.
 
 The manifest is written last and holds each graph's sha256, so a reader never
 trusts a half-written or foreign graph; `check_manifest` says why a cache is
@@ -101,16 +108,25 @@ def _encoder_example(cfg: ModelConfig):
 
 
 def _trace_encoder(model, path: Path) -> None:
+    """torch.export (non-strict) with our dynamic shapes, then ONNX translation.
+
+    torch.export is called here rather than through torch.onnx.export, which on
+    a constraint error would retry with shapes "refined" from the error's
+    suggestions, i.e. silently specialised; here such an error is an error.
+    Size-oblivious tracing keeps 0/1 sizes (an empty history) general.
+    """
     cfg = model.config
     args, dyn = _encoder_example(cfg)
     names_in, names_out = encoder_io(cfg)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's notes on axis names and deprecations
-        program = torch.onnx.export(
-            SegmentEncoder(model).eval(), args, dynamo=True, dynamic_shapes=dyn, opset_version=OPSET,
-            input_names=names_in, output_names=names_out, external_data=False, optimize=True, verbose=False,
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            program = torch.export.export(SegmentEncoder(model).eval(), args, dynamic_shapes=dyn, strict=False)
+        onnx_program = torch.onnx.export(
+            program, args, dynamo=True, dynamic_shapes=dyn, opset_version=OPSET, input_names=names_in, output_names=names_out,
+            external_data=False, optimize=True, verbose=False,
         )
-    program.save(str(path), external_data=False)
+    onnx_program.save(str(path), external_data=False)
 
 
 # --- forward.onnx: the encoder graph wrapped in ONNX nodes -------------------------------

@@ -18,9 +18,11 @@ What differs from the torch modules, and why:
   delta_net's state recurrence, and standard attention's one SDPA per query
   chunk (each iteration slices the keys up to its chunk's end, so the cost
   stays block-causal, B x T per chunk, and nothing n x n is formed).
-- delta_net's triangular solve (no ONNX op) becomes a product of B x B
-  matmuls: for the unit lower-triangular I + A (A strictly lower, so A^B = 0),
-  (I + A)^-1 = sum_k (-A)^k = prod_{j < ceil(log2 B)} (I + (-A)^(2^j)).
+- delta_net's triangular solve (no ONNX op) becomes forward substitution,
+  one Scan iteration per row of the chunk (B iterations, each a batched
+  (1 x B) @ (B x 2d) product over all chunks). Closed forms are unstable: the
+  product (I + A)^-1 = prod_j (I + (-A)^(2^j)) passes through powers of A
+  with huge entries that cancel, and gives NaN at B = 128.
 - sliding_window's carried keys are left-padded to exactly `window` slots
   with a count of the valid ones, so that input has a fixed size.
 """
@@ -69,15 +71,6 @@ def state_layout(cfg: ModelConfig) -> list[tuple[str, str, tuple]]:
     if cfg.arch == "delta_net":
         return [("S", "tensor", (H, d, d))]
     raise ValueError(f"no ONNX layout for arch {cfg.arch!r}")
-
-
-def empty_state(cfg: ModelConfig, batch: int, device=None) -> list[torch.Tensor]:
-    """The flat state of a document not read yet (empty history, zero tensors)."""
-    out = []
-    for _ in range(cfg.num_layers):
-        for _name, _kind, shape in state_layout(cfg):
-            out.append(torch.zeros(batch, *[0 if s == -1 else s for s in shape], device=device))
-    return out
 
 
 # --- helpers -------------------------------------------------------------------
@@ -207,14 +200,26 @@ def _sliding_window(attn, q, k, v, x, mask, state, window_count, piece_length):
     return o, (Kext[:, :, keep], Vext[:, :, keep])
 
 
-def _unit_lower_inverse(A: torch.Tensor, size: int) -> torch.Tensor:
-    """(I + A)^-1 for strictly lower-triangular A (..., size, size), by repeated squaring."""
-    P = -A
-    inv = torch.eye(size, dtype=A.dtype, device=A.device) + P
-    for _ in range(1, max(1, math.ceil(math.log2(max(size, 2))))):
-        P = P @ P
-        inv = inv + inv @ P
-    return inv
+def _solve_unit_lower(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """X with (I + A) X = rhs, A (..., B, B) strictly lower-triangular, rhs (..., B, e).
+
+    Forward substitution, one row per Scan iteration: X starts as rhs and row
+    i becomes rhs_i - A_i X (A_i reads only the rows before i, already solved).
+    What torch.linalg.solve_triangular computes, in ops ONNX has.
+    """
+    B = A.shape[-1]
+    rows = A.movedim(-2, 0)  # (B, ..., B): row i of every chunk's A
+    onehot = torch.eye(B, dtype=A.dtype, device=A.device)  # (B, B): where row i goes
+
+    def substitute(X, xs):
+        # size-1 axes are made here, not in the scanned inputs: the exporter
+        # traces those sizes as symbols that might not broadcast
+        a_i, e_i = xs
+        X = X - e_i[:, None] * (a_i.unsqueeze(-2) @ X)
+        return X, X.new_zeros(())
+
+    X, _ = scan(substitute, rhs, [rows, onehot])
+    return X
 
 
 def _delta_net(attn, q, k, v, x, mask, state):
@@ -226,9 +231,8 @@ def _delta_net(attn, q, k, v, x, mask, state):
     qc, kc, vc = q.view(b, H, C, B, d), k.view(b, H, C, B, d), v.view(b, H, C, B, d)
     bc = beta.view(b, H, C, B, 1)
     A = (bc * (kc @ kc.transpose(-1, -2))).tril(-1)
-    T = _unit_lower_inverse(A, B)
-    W = T @ (bc * kc)
-    U = T @ (bc * vc)
+    WU = _solve_unit_lower(A, torch.cat([bc * kc, bc * vc], dim=-1))
+    W, U = WU[..., :d], WU[..., d:]
     QK = (qc @ kc.transpose(-1, -2)).tril()
 
     def chunk(S, xs):
