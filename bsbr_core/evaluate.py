@@ -358,6 +358,13 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _epochs_done(training: dict) -> str:
+    done, planned = training["epochs_run"], training["train_config"]["epochs"]
+    if done >= planned:
+        return f"{done} epochs"
+    return f"stopped after {done} of {planned} planned epochs, so its learning rate never decayed to the floor"
+
+
 def write_model_card(model_dir: str | os.PathLike, eval_command: str | None = None,
                      eval_seconds: float | None = None) -> Path:
     """README.md of a model folder from its metrics.json and (when present)
@@ -412,8 +419,8 @@ def write_model_card(model_dir: str | os.PathLike, eval_command: str | None = No
             lines.append(
                 (f"- Stage {k}" + (" (warm restart from stage " + str(k - 1) + "'s weights)" if k > 1 else "") + ": "
                  if len(stages) > 1 else "- Command: ")
-                + f"`{st['command']}` ({st['epochs_run']} epochs, {st['total_steps']} optimizer steps, peak lr "
-                f"{stc['lr']}, {st['wall_time_s'] / 60:.1f} min)")
+                + f"`{st['command']}` ({_epochs_done(st)}, {st['history'][-1]['step'] if st['history'] else 0} "
+                f"optimizer steps, peak lr {stc['lr']}, {st['wall_time_s'] / 60:.1f} min)")
         lines += [
             f"- AdamW (weight decay {tc['weight_decay']}, betas 0.9/0.98), "
             f"{tc['warmup_frac']:.0%} linear warmup then cosine to {tc['min_lr_ratio']} x lr, gradient clipping "
