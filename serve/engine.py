@@ -151,6 +151,14 @@ class HotSession:
     ttl_s: float
     last_used: float
     nbytes: int
+    chain_bytes: list[int] = field(default_factory=list)  # sizes of the store's checkpoint chain
+
+
+def wants_full_checkpoint(chain_bytes: list[int], delta_bytes: int) -> bool:
+    """Start a new checkpoint chain when its deltas would outgrow its full blob:
+    full blobs then come at geometrically spaced pages (amortised O(page) bytes
+    per page) and the chain never holds much more than twice the state."""
+    return not chain_bytes or sum(chain_bytes[1:]) + delta_bytes > chain_bytes[0]
 
 
 def prediction(labels: list[str], logits: torch.Tensor | None) -> dict[str, Any]:
@@ -228,12 +236,13 @@ class Engine:
                 f"the document would have {total} tokens; model {self.name!r} accepts at most {self.max_tokens}"
             )
 
-    async def _read(self, state, pages: list[list[int]], mode: str):
-        """Step through pages; return (logits, state, per-page ms, peak bytes)."""
+    async def _read(self, state, pages: list[list[int]], mode: str, first_page: int = 1):
+        """Step through pages (the first is page `first_page` of its document);
+        return (logits, state, per-page ms, peak bytes)."""
         logits, page_ms, peak = None, [], 0
         self.batcher.active_requests += 1
         try:
-            for ids in pages:
+            for index, ids in enumerate(pages, start=first_page):
                 try:
                     out = await self.batcher.step(ids, state)
                 except ServeError:
@@ -243,7 +252,7 @@ class Engine:
                 logits, state = out.logits, out.state
                 page_ms.append(out.seconds * 1000.0)
                 peak = max(peak, out.peak_bytes)
-                self.metrics.page(mode, out.seconds)
+                self.metrics.page(mode, out.seconds, index)
                 self.metrics.state_bytes(state.nbytes)
         finally:
             self.batcher.active_requests -= 1
@@ -291,26 +300,26 @@ class Engine:
             "timing": {"page_ms": [], "total_ms": 0.0}, "expires_in_s": meta["expires_in_s"], "final": False,
         }
 
-    async def _resume(self, sid: str, seq: int) -> tuple[Any, int, float, dict[str, Any] | None, str | None]:
-        """(state, num_pages, ttl, stored answer if seq is a repeat, resume source) from the store."""
-        meta, blob = await self.store.load(sid)
+    async def _resume(self, sid: str, seq: int):
+        """(state, num_pages, ttl, stored answer if seq is a repeat, resume source, chain sizes) from the store."""
+        meta, chain = await self.store.load(sid)
         self._check_owner(meta)
         ttl_s = meta["ttl_s"]
         if seq < meta["next_seq"]:
-            return None, 0, ttl_s, await self.store.result(sid, seq), None
+            return None, 0, ttl_s, await self.store.result(sid, seq), None, []
         if seq > meta["next_seq"]:
             raise SeqGap(f"session {sid} expects seq {meta['next_seq']}, got {seq}")
-        if blob is None:
-            return self.model.init_state(1), 0, ttl_s, None, None
-        from bsbr_core import State, StateError
+        if not chain:
+            return self.model.init_state(1), 0, ttl_s, None, None, []
+        from bsbr_core import StateError
 
         try:
-            state = await asyncio.get_running_loop().run_in_executor(self.io, State.from_bytes, blob)
+            state = await asyncio.get_running_loop().run_in_executor(self.io, _replay_chain, chain)
             self.model.check_state(state)
         except StateError as e:
             raise SessionIncompatible(f"session {sid} cannot be resumed by this model: {e}") from None
         last = meta["last_result"] or {}
-        return state, int(last.get("num_pages", 0)), ttl_s, None, "store"
+        return state, int(last.get("num_pages", 0)), ttl_s, None, "store", [len(b) for b in chain]
 
     async def append(
         self, session_id: str, seq: int, text: str | None = None, pages: Sequence[str] | None = None,
@@ -323,14 +332,15 @@ class Engine:
             hot = self.hot.get(session_id)
             source: str | None = "hot"
             if hot is not None and hot.next_seq == seq:
-                state, num_pages, ttl_s = hot.state, hot.num_pages, hot.ttl_s
+                state, num_pages, ttl_s, chain_bytes = hot.state, hot.num_pages, hot.ttl_s, hot.chain_bytes
             else:
-                state, num_pages, ttl_s, repeat, source = await self._resume(session_id, seq)
+                state, num_pages, ttl_s, repeat, source, chain_bytes = await self._resume(session_id, seq)
                 if repeat is not None:
                     return repeat
             self._check_length(state.num_tokens, token_pages)
-            logits, new_state, page_ms, _ = await self._read(state, token_pages, mode)
-            blob = await asyncio.get_running_loop().run_in_executor(self.io, new_state.to_bytes)
+            logits, new_state, page_ms, _ = await self._read(state, token_pages, mode, num_pages + 1)
+            blob, delta = await asyncio.get_running_loop().run_in_executor(
+                self.io, _checkpoint, new_state, state, chain_bytes)
             result = {
                 "session_id": session_id, "model": self.name, "seq": seq,
                 **prediction(self.labels, logits),
@@ -340,7 +350,7 @@ class Engine:
                 "expires_in_s": ttl_s, "final": False,
             }
             try:
-                ahead = await self.store.commit(session_id, seq, blob, result)
+                ahead = await self.store.commit(session_id, seq, blob, result, delta)
             except SessionNotFound:
                 self._drop_hot(session_id)
                 raise
@@ -352,8 +362,9 @@ class Engine:
                 raise SeqGap(f"session {session_id} expects seq {ahead}, got {seq}")
             if source is not None and seq > 0:
                 self.metrics.resume(source)
+            chain_bytes = chain_bytes + [len(blob)] if delta else [len(blob)]
             self._put_hot(session_id, HotSession(new_state, seq + 1, result["num_pages"], ttl_s, time.monotonic(),
-                                                  new_state.nbytes))
+                                                  new_state.nbytes, chain_bytes))
             return result
 
     async def get(self, session_id: str) -> dict[str, Any]:
@@ -400,6 +411,26 @@ class Engine:
         for sid in [s for s, lock in self._locks.items() if s not in self.hot and not lock.locked()]:
             self._locks.pop(sid, None)
         return len(dead)
+
+
+def _checkpoint(new_state, base_state, chain_bytes: list[int]) -> tuple[bytes, bool]:
+    """(blob, is_delta) for the store: a delta against the state this page was
+    applied to, or a full blob when the chain should restart."""
+    if chain_bytes:
+        delta = new_state.to_bytes(base=base_state)
+        if not wants_full_checkpoint(chain_bytes, len(delta)):
+            return delta, True
+    return new_state.to_bytes(), False
+
+
+def _replay_chain(chain: list[bytes]):
+    """The state a checkpoint chain [full, delta, ...] describes."""
+    from bsbr_core import State
+
+    state = State.from_bytes(chain[0])
+    for delta in chain[1:]:
+        state = State.from_bytes(delta, base=state)
+    return state
 
 
 def pick_device(spec_device: str) -> torch.device:

@@ -43,10 +43,17 @@ METRIC_NAMES = (
 )
 
 
+def page_bucket(page_index: int) -> str:
+    """The `page_index` label: the page's 1-based position in its document
+    rounded down to a power of two (1, 2, 4, 8, ...), so latency against page
+    index stays a handful of series per model."""
+    return str(1 << (max(1, int(page_index)).bit_length() - 1))
+
+
 class EngineMetrics:
     """No-op recorder; `RayServeMetrics` records for real."""
 
-    def page(self, mode: str, seconds: float) -> None: ...
+    def page(self, mode: str, seconds: float, page_index: int = 1) -> None: ...
     def request(self, route: str, seconds: float, model: str | None = None) -> None: ...
     def tokens(self, n: int) -> None: ...
     def pages(self, n: int) -> None: ...
@@ -66,7 +73,7 @@ class RayServeMetrics(EngineMetrics):
         self.model = model
         self._page = m.Histogram(
             "bsbr_page_latency_seconds", description="latency of one page step (queueing for its batch included)",
-            boundaries=LATENCY_BUCKETS_S, tag_keys=("model", "mode"),
+            boundaries=LATENCY_BUCKETS_S, tag_keys=("model", "mode", "page_index"),
         )
         self._request = m.Histogram(
             "bsbr_request_latency_seconds", description="HTTP request latency in the ingress",
@@ -90,8 +97,8 @@ class RayServeMetrics(EngineMetrics):
         )
         self._errors = m.Counter("bsbr_errors_total", description="error answers by code", tag_keys=("model", "code"))
 
-    def page(self, mode, seconds):
-        self._page.observe(seconds, tags={"model": self.model, "mode": mode})
+    def page(self, mode, seconds, page_index=1):
+        self._page.observe(seconds, tags={"model": self.model, "mode": mode, "page_index": page_bucket(page_index)})
 
     def request(self, route, seconds, model=None):
         self._request.observe(seconds, tags={"model": model or self.model, "route": route})

@@ -1,8 +1,12 @@
 """Session checkpoint store: the durable copy of every session, readable by every replica.
 
 A session's state lives hot on the replica that served its last page; after
-every page that replica commits `State.to_bytes()` here, so any replica can
-resume the session (replica restart, scale-down, node loss).
+every page that replica commits a checkpoint here, so any replica can resume
+the session (replica restart, scale-down, node loss). A checkpoint is a
+chain: one full `State.to_bytes()` blob, then one delta blob per page
+(`State.to_bytes(base=previous)`, only the new chunks). The engine starts a
+new chain with a full blob when the deltas outgrow it, so a page costs
+O(page) bytes amortised and the chain holds at most about twice the state.
 
 `SessionStore` is the interface (async, so a network store fits). The
 default, `RayActorSessionStore`, talks to one named, detached Ray actor
@@ -27,6 +31,7 @@ from typing import Any
 from serve.errors import (
     SeqExpired,
     ServeError,
+    SessionIncompatible,
     SessionNotFound,
     StoreFull,
     TooManySessions,
@@ -48,7 +53,7 @@ class SessionRecord:
     ttl_s: float
     last_access: float
     next_seq: int = 0
-    blob: bytes | None = None
+    chain: list[bytes] | None = None  # [full blob, delta, delta, ...]
     results: OrderedDict[int, dict] = field(default_factory=OrderedDict)
 
     def meta(self, now: float) -> dict[str, Any]:
@@ -58,6 +63,7 @@ class SessionRecord:
             "next_seq": self.next_seq,
             "expires_in_s": max(0.0, self.last_access + self.ttl_s - now),
             "ttl_s": self.ttl_s,
+            "chain_bytes": [len(b) for b in self.chain] if self.chain else [],
             "last_result": next(reversed(self.results.values())) if self.results else None,
         }
 
@@ -93,8 +99,8 @@ class SessionTable:
 
     def _drop(self, sid: str) -> SessionRecord | None:
         rec = self.sessions.pop(sid, None)
-        if rec is not None and rec.blob is not None:
-            self.total_bytes -= len(rec.blob)
+        if rec is not None and rec.chain:
+            self.total_bytes -= sum(len(b) for b in rec.chain)
         return rec
 
     def _retry_after(self) -> float:
@@ -132,9 +138,9 @@ class SessionTable:
     def head(self, session_id: str) -> dict[str, Any]:
         return self._get(session_id).meta(self.clock())
 
-    def load(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
+    def load(self, session_id: str) -> tuple[dict[str, Any], list[bytes] | None]:
         rec = self._get(session_id)
-        return rec.meta(self.clock()), rec.blob
+        return rec.meta(self.clock()), list(rec.chain) if rec.chain else None
 
     def result(self, session_id: str, seq: int) -> dict[str, Any]:
         rec = self._get(session_id)
@@ -147,13 +153,19 @@ class SessionTable:
             )
         return rec.results[seq]
 
-    def commit(self, session_id: str, seq: int, blob: bytes, result: dict[str, Any]) -> int | None:
+    def commit(self, session_id: str, seq: int, blob: bytes, result: dict[str, Any], delta: bool = False) -> int | None:
         """Apply seq if the session expects it: None. Otherwise the session's
-        next_seq (someone else applied it first; nothing changes)."""
+        next_seq (someone else applied it first; nothing changes).
+
+        delta: `blob` extends the chain (it was made against the state after
+        seq - 1, which is what the chain holds, since commits go in seq order);
+        otherwise it replaces the chain."""
         rec = self._get(session_id)
         if rec.next_seq != seq:
             return rec.next_seq
-        old = len(rec.blob) if rec.blob is not None else 0
+        if delta and not rec.chain:
+            raise SessionIncompatible(f"session {session_id}: a delta checkpoint needs a full one before it")
+        old = 0 if delta or not rec.chain else sum(len(b) for b in rec.chain)
         if self.total_bytes - old + len(blob) > self.max_store_bytes:
             self.sweep()
             if self.total_bytes - old + len(blob) > self.max_store_bytes:
@@ -163,7 +175,7 @@ class SessionTable:
                     retry_after_s=self._retry_after(),
                 )
         self.total_bytes += len(blob) - old
-        rec.blob = blob
+        rec.chain = rec.chain + [blob] if delta else [blob]
         rec.next_seq = seq + 1
         rec.results[seq] = result
         while len(rec.results) > self.results_retained:
@@ -197,15 +209,18 @@ class SessionStore(abc.ABC):
         """{session_id, model, next_seq, expires_in_s, ttl_s, last_result}; renews the TTL."""
 
     @abc.abstractmethod
-    async def load(self, session_id: str) -> tuple[dict[str, Any], bytes | None]:
-        """(head, state blob or None before the first page)."""
+    async def load(self, session_id: str) -> tuple[dict[str, Any], list[bytes] | None]:
+        """(head, checkpoint chain [full, delta, ...] or None before the first page)."""
 
     @abc.abstractmethod
     async def result(self, session_id: str, seq: int) -> dict[str, Any]: ...
 
     @abc.abstractmethod
-    async def commit(self, session_id: str, seq: int, blob: bytes, result: dict[str, Any]) -> int | None:
-        """Compare-and-set: None if applied, else the store's next_seq."""
+    async def commit(
+        self, session_id: str, seq: int, blob: bytes, result: dict[str, Any], delta: bool = False,
+    ) -> int | None:
+        """Compare-and-set: None if applied, else the store's next_seq.
+        delta=True appends blob to the session's chain, else it replaces it."""
 
     @abc.abstractmethod
     async def delete(self, session_id: str) -> dict[str, Any]: ...
@@ -232,8 +247,8 @@ class MemorySessionStore(SessionStore):
     async def result(self, session_id, seq):
         return self.table.result(session_id, seq)
 
-    async def commit(self, session_id, seq, blob, result):
-        return self.table.commit(session_id, seq, blob, result)
+    async def commit(self, session_id, seq, blob, result, delta=False):
+        return self.table.commit(session_id, seq, blob, result, delta)
 
     async def delete(self, session_id):
         return self.table.delete(session_id)
@@ -344,14 +359,14 @@ class RayActorSessionStore(SessionStore):
         return await self._call("head", session_id)
 
     async def load(self, session_id):
-        meta, blob = await self._call("load", session_id)
-        return meta, blob
+        meta, chain = await self._call("load", session_id)
+        return meta, chain
 
     async def result(self, session_id, seq):
         return await self._call("result", session_id, seq)
 
-    async def commit(self, session_id, seq, blob, result):
-        return await self._call("commit", session_id, seq, blob, result)
+    async def commit(self, session_id, seq, blob, result, delta=False):
+        return await self._call("commit", session_id, seq, blob, result, delta)
 
     async def delete(self, session_id):
         return await self._call("delete", session_id)

@@ -146,9 +146,17 @@ def test_store_commit_is_compare_and_set_on_seq():
     t.create("s", "bsbr", 60)
     assert t.commit("s", 0, b"a", {"seq": 0}) is None
     assert t.commit("s", 0, b"b", {"seq": 0}) == 1  # a repeat changes nothing
-    assert t.load("s")[1] == b"a"
+    assert t.load("s")[1] == [b"a"]
     assert t.commit("s", 5, b"c", {"seq": 5}) == 1  # a gap changes nothing
     assert t.result("s", 0) == {"seq": 0}
+    # Deltas extend the chain, a full blob restarts it; the byte count follows.
+    assert t.commit("s", 1, b"dd", {"seq": 1}, True) is None
+    assert t.load("s")[1] == [b"a", b"dd"] and t.total_bytes == 3
+    assert t.commit("s", 2, b"full", {"seq": 2}) is None
+    assert t.load("s")[1] == [b"full"] and t.total_bytes == 4
+    t.create("fresh", "bsbr", 60)
+    with pytest.raises(errors.SessionIncompatible):
+        t.commit("fresh", 0, b"d", {}, True)  # a delta needs a full blob before it
 
 
 def test_store_sessions_expire_after_idle_ttl():
@@ -290,6 +298,38 @@ def test_stale_hot_state_is_never_used(dev_models):
     want = run(straight())
     assert last["logits"] == pytest.approx(want["logits"], abs=1e-5)
     assert last["num_tokens"] == want["num_tokens"] and repeat["seq"] == 1
+
+
+@pytest.mark.parametrize("name", ["bsbr", "standard"])
+def test_checkpoints_are_delta_chains_that_resume_exactly(dev_models, name):
+    """After each page the store gets only the page's delta (a full blob when the
+    deltas would outgrow the last one), and a replica that never saw the
+    session resumes it from the chain with the same answer."""
+    store = MemorySessionStore()
+    a, b = make_engine(dev_models, name, store=store), make_engine(dev_models, name, store=store)
+    pages = document(41)
+    chain_lengths, written = [], 0
+
+    async def go():
+        nonlocal written
+        sid = (await a.create_session())["session_id"]
+        for i, p in enumerate(pages[:40]):
+            await a.append(sid, i, pages=[p])
+            rec = store.table.sessions[sid]
+            chain_lengths.append(len(rec.chain))
+            written += len(rec.chain[-1])
+        state_bytes = len(a.hot[sid].state.to_bytes())
+        chain_bytes = sum(len(x) for x in store.table.sessions[sid].chain)
+        on_b = await b.append(sid, 40, pages=[pages[40]])  # b resumes from the store's chain
+        return sid, state_bytes, chain_bytes, on_b
+
+    sid, state_bytes, chain_bytes, on_b = run(go())
+    assert max(chain_lengths) > 5                      # deltas were appended
+    assert chain_lengths.count(1) <= 8                 # full blobs only now and then (geometric)
+    assert chain_bytes <= 2.5 * state_bytes            # the chain stays about the state's size
+    assert written < 40 * state_bytes / 4              # far less than a full blob per page
+    want = one_shot_logits(a, pages).double()
+    assert (as_tensor(a.labels, on_b["logits"]) - want).abs().max() <= 1e-4
 
 
 def test_too_many_tokens_is_413_and_nothing_is_applied(dev_models):
