@@ -189,7 +189,7 @@ def compose_forward(encoder: onnx.ModelProto, cfg: ModelConfig, head_weight: np.
     enc_in, enc_out = encoder_io(cfg)
     p = "oneshot/"
     B = cfg.block_size
-    c = lambda name, arr: numpy_helper.from_array(np.asarray(arr), p + name)  # noqa: E731
+    c = lambda name, arr: numpy_helper.from_array(np.asarray(arr), p + name)
     inits = [c("B", np.array([B], np.int64)), c("B_minus_1", np.array([B - 1], np.int64)),
              c("one", np.array([1], np.int64)), c("zeros3", np.zeros(3, np.int64)),
              c("zero", np.array(0, np.int64)), c("fone", np.array(1.0, np.float32)),

@@ -28,8 +28,6 @@ What differs from the torch modules, and why:
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

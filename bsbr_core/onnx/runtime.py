@@ -27,7 +27,7 @@ from bsbr_core.config import ModelConfig
 from bsbr_core.io import load_config
 from bsbr_core.model import DocumentClassifier, _check_right_padded, build_model
 from bsbr_core.onnx.export import (
-    ENCODER_FILE, FORWARD_FILE, StaleGraphError, check_manifest, encoder_io, export_onnx, weights_digest,
+    ENCODER_FILE, FORWARD_FILE, StaleGraphError, check_manifest, export_onnx, weights_digest,
 )
 from bsbr_core.onnx.graphs import state_layout
 from bsbr_core.state import AppendLog
@@ -95,7 +95,6 @@ class OrtEncoder(nn.Module):
         self.session = session
         self.cfg = cfg
         self.layout = state_layout(cfg)
-        self.input_names, self.output_names = encoder_io(cfg)
 
     def _feed(self, layer: dict | None, name: str, kind: str, shape: tuple, b: int) -> np.ndarray:
         value = None if layer is None else layer.get(name)
