@@ -115,10 +115,10 @@ def prepare_models(work: Path, archs) -> dict:
         model_dir = work / arch
         save_model(model, None, model_dir)
         t0 = time.perf_counter()
-        export_onnx(model, model_dir / "onnx", weights_digest(model.state_dict()))
+        manifest = export_onnx(model, model_dir / "onnx", weights_digest(model.state_dict()))
         out[arch] = {"model_dir": str(model_dir), "onnx_dir": str(model_dir / "onnx"),
-                     "export_s": time.perf_counter() - t0}
-        print(f"exported {arch} in {out[arch]['export_s']:.0f} s", flush=True)
+                     "export_s": time.perf_counter() - t0, "opset": manifest["opset"]}
+        print(f"exported {arch} (opset {manifest['opset']}) in {out[arch]['export_s']:.0f} s", flush=True)
     return out
 
 
@@ -185,6 +185,7 @@ def main() -> None:
                     "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "versions": {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "python": platform.python_version()},
         "export_s": {a: models[a]["export_s"] for a in args.archs},
+        "opset": {a: models[a]["opset"] for a in args.archs},
         "timeout_s": args.timeout,
         "rows": [{k: ({kk: vv for kk, vv in v.items() if kk != "logits"} if isinstance(v, dict) else v)
                   for k, v in r.items()} for r in rows],

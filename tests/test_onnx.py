@@ -20,6 +20,7 @@ pytest.importorskip("onnxscript")
 
 from bsbr_core import ModelConfig, State, build_model, save_model  # noqa: E402
 from bsbr_core.onnx import OrtClassifier, StaleGraphError, load_onnx_model  # noqa: E402
+from bsbr_core.onnx.export import default_opset  # noqa: E402
 
 TOL = 1e-4
 B = 8
@@ -209,6 +210,21 @@ def test_delta_net_solve_is_stable_at_long_chunks(tmp_path):
     assert max_err(out, ref) <= TOL
 
 
+@pytest.mark.parametrize("arch", ["bsbr", "standard"])
+def test_opset18_graphs_match_torch(arch, tmp_path):
+    """Opset 18 (SDPA as MatMul/Softmax/MatMul), for ONNX Runtime builds without
+    Attention kernels: the same parity."""
+    model = random_model(small_config(arch=arch, causal=arch == "bsbr"), seed=2)
+    ort_model = OrtClassifier.from_model(model, tmp_path / "onnx", providers=["CPUExecutionProvider"], opset=18)
+    assert ort_model.manifest["opset"] == 18
+    ids, mask = padded_batch([45, 20], model.config.vocab_size, seed=2)
+    with torch.no_grad():
+        assert max_err(ort_model(ids, mask), model(ids, mask)) <= TOL
+    out, _ = ort_model.step(ids[:1, :13], ort_model.init_state(1))
+    ref, _ = model.step(ids[:1, :13], model.init_state(1))
+    assert max_err(out, ref) <= TOL
+
+
 # --- graphs that no longer match ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -226,7 +242,7 @@ def test_loader_exports_once_and_records_the_checkpoint(checkpoint):
     manifest = json.loads((path / "onnx" / "onnx.json").read_text())
     assert manifest["fingerprint"] == model.fingerprint == ort_model.fingerprint
     assert manifest["graphs"]["forward"]["inputs"] == ["input_ids", "attention_mask"]
-    assert manifest["opset"] >= 17
+    assert manifest["opset"] == default_opset()
     mtime = (path / "onnx" / "onnx.json").stat().st_mtime_ns
     again = load_onnx_model(path, providers=["CPUExecutionProvider"], export_if_missing=False)
     assert (path / "onnx" / "onnx.json").stat().st_mtime_ns == mtime
@@ -234,6 +250,13 @@ def test_loader_exports_once_and_records_the_checkpoint(checkpoint):
     with torch.no_grad():
         assert max_err(again(ids), model(ids)) <= TOL
     assert again.providers[0] == "CPUExecutionProvider"
+
+
+def test_graphs_for_another_opset_are_stale(checkpoint):
+    path, model, _ = checkpoint
+    other = 18 if default_opset() == 23 else 23
+    with pytest.raises(StaleGraphError, match="opset"):
+        OrtClassifier(model.config, path / "onnx", model.state_dict(), None, ["CPUExecutionProvider"], opset=other)
 
 
 def test_changed_graph_file_is_stale(checkpoint, tmp_path):

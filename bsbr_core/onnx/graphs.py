@@ -146,7 +146,9 @@ def _standard(attn, q, k, v, x, mask, state):
         e = end.item()
         torch._check(e >= 1)
         torch._check(e <= K.shape[2])
-        am = nonempty_keys(key_ok.narrow(1, 0, e))[:, None, None, :]
+        # (b, 1, B, e), not broadcast over queries: ORT's kernel for the ONNX
+        # Attention op (opset 23) wants the mask's query axis spelled out.
+        am = nonempty_keys(key_ok.narrow(1, 0, e))[:, None, None, :].expand(b, 1, B, e)
         o_c = F.scaled_dot_product_attention(q_c, K.narrow(2, 0, e), V.narrow(2, 0, e), am)
         return carry + 1, o_c  # scan carries must not alias their input
 

@@ -27,7 +27,7 @@ from bsbr_core.config import ModelConfig
 from bsbr_core.io import load_config
 from bsbr_core.model import DocumentClassifier, _check_right_padded, build_model
 from bsbr_core.onnx.export import (
-    ENCODER_FILE, FORWARD_FILE, StaleGraphError, check_manifest, export_onnx, weights_digest,
+    ENCODER_FILE, FORWARD_FILE, StaleGraphError, check_manifest, default_opset, export_onnx, weights_digest,
 )
 from bsbr_core.onnx.graphs import state_layout
 from bsbr_core.state import AppendLog
@@ -179,14 +179,15 @@ class OrtClassifier(DocumentClassifier):
     head_state: the checkpoint's "head.weight" and "head.bias".
     weights_sha256: the checkpoint's weights digest, checked against onnx.json
         (None skips that check, e.g. right after exporting).
+    opset: if given, the graphs must have been exported for it.
     Raises StaleGraphError if the graphs do not belong to this checkpoint.
     """
 
     def __init__(self, cfg: ModelConfig, onnx_dir: str | Path, head_state: dict[str, torch.Tensor],
-                 weights_sha256: str | None, providers=None, threads: int | None = None):
+                 weights_sha256: str | None, providers=None, threads: int | None = None, opset: int | None = None):
         super().__init__(cfg)
         self.onnx_dir = Path(onnx_dir)
-        self.manifest = check_manifest(self.onnx_dir, cfg, self.fingerprint, weights_sha256)
+        self.manifest = check_manifest(self.onnx_dir, cfg, self.fingerprint, weights_sha256, opset)
         providers = default_providers() if providers is None else providers
         self.encoder = OrtEncoder(_session(self.onnx_dir / ENCODER_FILE, providers, threads), cfg)
         self._forward_session = _session(self.onnx_dir / FORWARD_FILE, providers, threads)
@@ -196,10 +197,10 @@ class OrtClassifier(DocumentClassifier):
 
     @classmethod
     def from_model(cls, model: DocumentClassifier, onnx_dir: str | Path, providers=None,
-                   threads: int | None = None) -> "OrtClassifier":
-        """Export `model` into onnx_dir and run it there."""
+                   threads: int | None = None, opset: int | None = None) -> "OrtClassifier":
+        """Export `model` into onnx_dir (opset: see export_onnx) and run it there."""
         digest = weights_digest(model.state_dict())
-        export_onnx(model, onnx_dir, digest)
+        export_onnx(model, onnx_dir, digest, opset)
         return cls(model.config, onnx_dir, model.state_dict(), digest, providers, threads)
 
     @torch.no_grad()
@@ -269,9 +270,9 @@ def load_onnx_model(model_dir: str | Path, providers=None, export_if_missing: bo
 
     The graphs live in cache_dir (default: <model_dir>/onnx, or a user cache
     if the model dir is read-only; $BSBR_ONNX_CACHE overrides). If they are
-    missing or stale (another checkpoint, config or export format, or a file
-    changed), they are exported from the checkpoint when export_if_missing,
-    else StaleGraphError is raised.
+    missing or stale (another checkpoint, config, export format or opset, or
+    a file changed), they are exported from the checkpoint when
+    export_if_missing, else StaleGraphError is raised.
     providers: ONNX Runtime providers; None picks CUDA when onnxruntime-gpu
         and a GPU are present, else CPU.
     threads: ONNX Runtime intra-op threads (None: its default, one per core).
@@ -286,19 +287,20 @@ def load_onnx_model(model_dir: str | Path, providers=None, export_if_missing: bo
     tensors = load_file(str(weights))
     digest = weights_digest(tensors)
     onnx_dir = Path(cache_dir) if cache_dir is not None else _cache_dir(model_dir, cfg, digest)
+    opset = default_opset()
     try:
-        return OrtClassifier(cfg, onnx_dir, tensors, digest, providers, threads)
+        return OrtClassifier(cfg, onnx_dir, tensors, digest, providers, threads, opset)
     except StaleGraphError as stale:
         if not export_if_missing:
             raise
         with _export_lock(onnx_dir):
             try:  # another process may have exported while we waited
-                return OrtClassifier(cfg, onnx_dir, tensors, digest, providers, threads)
+                return OrtClassifier(cfg, onnx_dir, tensors, digest, providers, threads, opset)
             except StaleGraphError:
                 pass
             log.info("exporting ONNX graphs for %s into %s (%s)", model_dir, onnx_dir, stale)
             model = build_model(cfg)
             model.load_state_dict(tensors, strict=True)
-            export_onnx(model.eval(), onnx_dir, digest)
-        return OrtClassifier(cfg, onnx_dir, tensors, digest, providers, threads)
+            export_onnx(model.eval(), onnx_dir, digest, opset)
+        return OrtClassifier(cfg, onnx_dir, tensors, digest, providers, threads, opset)
 
