@@ -166,10 +166,10 @@ class DocumentClassifier(nn.Module):
                 f"this model is {self.config.arch} {self.fingerprint}"
             )
 
-    @torch.no_grad()
-    def step(self, piece_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """Read the next piece (b, m >= 0) of each document; return the running
-        logits (b, num_labels) and a new State (the given one stays valid)."""
+    def _next_tokens(self, piece_ids, state: State) -> tuple[State, torch.Tensor, int]:
+        """Validate a piece against its state; return (state on this device,
+        pending + piece ids to read (a max_length model drops what lies past
+        its window), the document's token count after the piece)."""
         self.check_state(state)
         cfg = self.config
         piece_ids = torch.as_tensor(piece_ids, dtype=torch.long)
@@ -184,11 +184,16 @@ class DocumentClassifier(nn.Module):
         piece_ids = piece_ids.to(self.device)
         num_tokens = state.num_tokens + piece_ids.shape[1]
         if cfg.max_length is not None:
-            room = max(0, cfg.max_length - state.committed - state.pending_ids.shape[1])
-            piece_ids = piece_ids[:, :room]
-        ids = torch.cat([state.pending_ids, piece_ids], dim=1)
-        Bk = cfg.block_size
-        n_commit = ids.shape[1] // Bk * Bk
+            piece_ids = piece_ids[:, : max(0, cfg.max_length - state.committed - state.pending_ids.shape[1])]
+        return state, torch.cat([state.pending_ids, piece_ids], dim=1), num_tokens
+
+    @torch.no_grad()
+    def step(self, piece_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Read the next piece (b, m >= 0) of each document; return the running
+        logits (b, num_labels) and a new State (the given one stays valid)."""
+        cfg = self.config
+        state, ids, num_tokens = self._next_tokens(piece_ids, state)
+        n_commit = ids.shape[1] // cfg.block_size * cfg.block_size
         layers = state.layers or None
         pool_sum = state.pool_sum
         seg = self._segment
@@ -222,19 +227,9 @@ class DocumentClassifier(nn.Module):
         out: list = [None] * len(pieces)
         docs = []  # (index, ids, n_commit, state)
         for i, (p, s) in enumerate(zip(pieces, states)):
-            self.check_state(s)
-            if s.batch_size != 1:
+            if isinstance(s, State) and s.batch_size != 1:
                 raise ValueError("step_many takes single-document states")
-            p = torch.as_tensor(p, dtype=torch.long).reshape(1, -1)
-            if p.numel() and (int(p.min()) < 0 or int(p.max()) >= cfg.vocab_size):
-                raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
-            if s.pending_ids.device != self.device:
-                s = s.to(self.device)
-            p = p.to(self.device)
-            num_tokens = s.num_tokens + p.shape[1]
-            if cfg.max_length is not None:
-                p = p[:, : max(0, cfg.max_length - s.committed - s.pending_ids.shape[1])]
-            ids = torch.cat([s.pending_ids, p], dim=1)
+            s, ids, num_tokens = self._next_tokens(torch.as_tensor(p, dtype=torch.long).reshape(1, -1), s)
             n_commit = ids.shape[1] // Bk * Bk
             if n_commit > self._segment:
                 out[i] = self.step(pieces[i], states[i])
