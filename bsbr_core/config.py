@@ -8,6 +8,7 @@ from typing import Any
 
 ARCHS = ("bsbr", "standard", "linear", "sliding_window", "delta_net")
 COMPRESSION_FACTORS = (1, 2, 4, 8, 16)
+POOLINGS = ("mean", "attention", "last")
 
 
 @dataclass
@@ -22,6 +23,9 @@ class ModelConfig:
     window: sliding_window only; each token sees the previous `window` tokens.
     max_length: standard only; read only the first `max_length` tokens with
         full bidirectional attention (the BERT-512 baseline).
+    pooling: mean (masked mean of the final hidden states), attention
+        (softmax-weighted mean with a learned score) or last (the last real
+        token's hidden state); see bsbr_core.pooling.
     """
 
     arch: str = "bsbr"
@@ -37,6 +41,7 @@ class ModelConfig:
     window: int = 256
     max_length: int | None = None
     dropout: float = 0.0
+    pooling: str = "mean"
     rope_base: float = 10000.0
     # Tokens per segment when one-shot inference of a long input runs
     # segment by segment (bounded activation memory); a multiple of chunk_size.
@@ -58,6 +63,8 @@ class ModelConfig:
                 raise ValueError("max_length applies to the standard arch only")
             if self.max_length < 1:
                 raise ValueError("max_length must be >= 1")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; expected one of {POOLINGS}")
         if self.segment_tokens < 1:
             raise ValueError("segment_tokens must be >= 1")
         self.labels = list(self.labels)

@@ -1,6 +1,9 @@
 """Encoder classifier over any mechanism (DESIGN.md 1.3) and its streaming step.
 
-    ids -> embedding -> L x [x + Attn(LN(x)); x + FFN(LN(x))] -> LN -> masked mean -> linear -> logits
+    ids -> embedding -> L x [x + Attn(LN(x)); x + FFN(LN(x))] -> LN -> pooling -> linear -> logits
+
+Pooling is the masked mean (default) or a softmax-weighted mean with a
+learned score (bsbr_core.pooling); both stream exactly.
 
 Every mechanism is block-causal across chunks (a token never depends on a
 later chunk), so reading a document in pieces that commit whole chunks, and
@@ -17,7 +20,25 @@ import torch.nn.functional as F
 
 from bsbr_core.attention import MECHANISMS
 from bsbr_core.config import ModelConfig
+from bsbr_core.pooling import build_pooling
 from bsbr_core.state import AppendLog, State, StateError
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over parameter names, dtypes, shapes and bytes (independent of the file layout)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(cfg: ModelConfig, digest: str) -> str:
+    """What a State carries to name the model that made it: the config and
+    the weights (a retrained checkpoint with the same config is another model)."""
+    return hashlib.sha256((cfg.to_json() + "\n" + digest).encode()).hexdigest()[:16]
 
 
 class FeedForward(nn.Module):
@@ -90,15 +111,36 @@ def _check_right_padded(mask: torch.Tensor) -> None:
 
 
 class DocumentClassifier(nn.Module):
-    """Encoder + masked mean pooling + linear head; readable whole or in pieces."""
+    """Encoder + pooling + linear head; readable whole or in pieces.
+
+    `fingerprint` names the config and the weights; it is computed on first
+    use (a State records it) and again after load_state_dict. Code that
+    changes weights in place after stepping calls refresh_fingerprint().
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)
+        self.pooling = build_pooling(cfg.pooling, cfg.hidden_dim)
         self.head = nn.Linear(cfg.hidden_dim, cfg.num_labels)
         self.apply(self._init_weights)
-        self.fingerprint = hashlib.sha256(cfg.to_json().encode()).hexdigest()[:16]
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.config, weights_digest(self.state_dict()))
+        return self._fingerprint
+
+    def refresh_fingerprint(self) -> str:
+        self._fingerprint = None
+        return self.fingerprint
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._fingerprint = None
+        return result
 
     @staticmethod
     def _init_weights(m):
@@ -135,17 +177,17 @@ class DocumentClassifier(nn.Module):
             mask = attention_mask.to(torch.bool)
             _check_right_padded(mask)
         seg = self._segment
-        weights = mask.to(torch.float32)[..., None]
+        pool = self.pooling
         if impl == "naive" or torch.is_grad_enabled() or n <= seg:
             h, _ = self.encoder(input_ids, 0, None if bool(mask.all()) else mask, None, False, impl)
-            pooled_sum = (h * weights).sum(1)
+            acc = pool.summarize(h, mask)
         else:
-            layers, pooled_sum = None, 0.0
+            layers, acc = None, pool.empty(b, input_ids.device)
             for s in range(0, n, seg):
                 m = mask[:, s : s + seg]
                 h, layers = self.encoder(input_ids[:, s : s + seg], s, None if bool(m.all()) else m, layers, True)
-                pooled_sum = pooled_sum + (h * weights[:, s : s + seg]).sum(1)
-        return self.head(pooled_sum / mask.sum(1, keepdim=True).clamp(min=1))
+                acc = pool.combine(acc, pool.summarize(h, m))
+        return self.head(pool.readout(acc, mask.sum(1, keepdim=True)))
 
     # --- streaming ---------------------------------------------------------
 
@@ -153,7 +195,7 @@ class DocumentClassifier(nn.Module):
         return State(
             arch=self.config.arch, fingerprint=self.fingerprint, num_tokens=0, committed=0,
             pending_ids=torch.zeros(batch_size, 0, dtype=torch.long, device=self.device),
-            pool_sum=torch.zeros(batch_size, self.config.hidden_dim, device=self.device),
+            pool_sum=self.pooling.empty(batch_size, self.device),
             layers=[],
         )
 
@@ -195,19 +237,19 @@ class DocumentClassifier(nn.Module):
         state, ids, num_tokens = self._next_tokens(piece_ids, state)
         n_commit = ids.shape[1] // cfg.block_size * cfg.block_size
         layers = state.layers or None
-        pool_sum = state.pool_sum
+        pool, pool_sum = self.pooling, state.pool_sum
         seg = self._segment
         for s in range(0, n_commit, seg):
             e = min(s + seg, n_commit)
             h, layers = self.encoder(ids[:, s:e], state.committed + s, None, layers, True)
-            pool_sum = pool_sum + h.sum(1)
+            pool_sum = pool.combine(pool_sum, pool.summarize(h))
         committed = state.committed + n_commit
         tail = ids[:, n_commit:]
         total, count = pool_sum, committed
         if tail.shape[1]:
             h, _ = self.encoder(tail, committed, None, layers, False)
-            total, count = total + h.sum(1), count + tail.shape[1]
-        logits = self.head(total / max(count, 1))
+            total, count = pool.combine(total, pool.summarize(h)), count + tail.shape[1]
+        logits = self.head(pool.readout(total, count))
         new_state = State(cfg.arch, self.fingerprint, num_tokens, committed, tail, pool_sum, layers or [])
         return logits, new_state
 
@@ -252,25 +294,26 @@ class DocumentClassifier(nn.Module):
                 h, st = self.encoder.forward_ragged(
                     torch.cat([parts[j] for j in live], dim=1), spans, [layer_states[j] for j in live], commit)
                 for (s_, e_, _), j, st_j in zip(spans, live, st):
-                    sums[j] = h[0, s_:e_].sum(0)
+                    sums[j] = pool.summarize(h[:, s_:e_])
                     if commit:
                         new_states[j] = st_j
             return sums, new_states
 
+        pool = self.pooling
         committed_parts = [ids[:, :nc] for _, ids, nc, _, _ in docs]
         layer_states = [s.layers or None for _, _, _, s, _ in docs]
         sums, layer_states = packed_pass(committed_parts, [s.committed for _, _, _, s, _ in docs], layer_states, True)
-        pool_sums = [s.pool_sum[0] if add is None else s.pool_sum[0] + add for (_, _, _, s, _), add in zip(docs, sums)]
+        pool_sums = [s.pool_sum if add is None else pool.combine(s.pool_sum, add) for (_, _, _, s, _), add in zip(docs, sums)]
         tails = [ids[:, nc:] for _, ids, nc, _, _ in docs]
         tail_sums, _ = packed_pass(tails, [s.committed + nc for _, _, nc, s, _ in docs], layer_states, False)
         pooled = []
         for (_, _, nc, s, _), ps, ts, tail in zip(docs, pool_sums, tail_sums, tails):
             count = s.committed + nc + tail.shape[1]
-            pooled.append((ps if ts is None else ps + ts) / max(count, 1))
-        logits = self.head(torch.stack(pooled))
+            pooled.append(pool.readout(ps if ts is None else pool.combine(ps, ts), count))
+        logits = self.head(torch.cat(pooled))
         for row, ((i, _, nc, s, num_tokens), ps, tail, ls) in enumerate(zip(docs, pool_sums, tails, layer_states)):
             out[i] = (logits[row : row + 1], State(cfg.arch, self.fingerprint, num_tokens, s.committed + nc,
-                                                  tail, ps[None], ls or []))
+                                                  tail, ps, ls or []))
         return out
 
 

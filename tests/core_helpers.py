@@ -17,6 +17,11 @@ VARIANTS = [
     ("linear", dict(arch="linear")),
     ("sliding_window", dict(arch="sliding_window", window=11)),
     ("delta_net", dict(arch="delta_net")),
+    ("bsbr-attnpool", dict(arch="bsbr", pooling="attention")),
+    ("standard-attnpool", dict(arch="standard", pooling="attention")),
+    ("linear-attnpool", dict(arch="linear", pooling="attention")),
+    ("bsbr-lastpool", dict(arch="bsbr", pooling="last")),
+    ("delta_net-lastpool", dict(arch="delta_net", pooling="last")),
 ]
 VARIANT_IDS = [v[0] for v in VARIANTS]
 VARIANT_CFGS = [v[1] for v in VARIANTS]

@@ -56,6 +56,33 @@ def test_state_of_another_model_rejected():
             other.step(torch.randint(0, 97, (1, 3)), state)
 
 
+def test_state_of_a_retrained_checkpoint_with_the_same_config_rejected(tmp_path):
+    """The fingerprint covers the weights: same config, other weights = another model."""
+    from bsbr_core import load_model, save_model
+
+    a = small_model(arch="bsbr", seed=0)
+    retrained = small_model(arch="bsbr", seed=1)
+    assert a.config == retrained.config
+    _, state = a.step(torch.randint(0, 97, (1, 10)), a.init_state(1))
+    restored = State.from_bytes(state.to_bytes())
+    with pytest.raises(StateError, match="another model"):
+        retrained.step(torch.randint(0, 97, (1, 3)), restored)
+    # Saved and loaded, the same weights are the same model ...
+    save_model(a, None, tmp_path / "a")
+    loaded, _ = load_model(tmp_path / "a", with_tokenizer=False)
+    assert loaded.fingerprint == a.fingerprint
+    loaded.step(torch.randint(0, 97, (1, 3)), restored)
+    # ... and loading other weights into it makes it another one.
+    loaded.load_state_dict(retrained.state_dict())
+    assert loaded.fingerprint == retrained.fingerprint != a.fingerprint
+    with pytest.raises(StateError, match="another model"):
+        loaded.step(torch.randint(0, 97, (1, 3)), restored)
+    # In-place edits are seen after refresh_fingerprint().
+    with torch.no_grad():
+        loaded.head.bias.add_(1.0)
+    assert loaded.refresh_fingerprint() != retrained.fingerprint
+
+
 def test_bsbr_state_grows_per_chunk_and_compression_shrinks_it():
     sizes = {}
     for f in (1, 4, 16):

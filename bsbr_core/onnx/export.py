@@ -42,6 +42,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from bsbr_core.config import ModelConfig
+from bsbr_core.model import weights_digest
 from bsbr_core.onnx.graphs import SegmentEncoder, state_layout
 
 # Bumped whenever the graphs' formulation or I/O changes, so old caches re-export.
@@ -65,17 +66,6 @@ def default_opset() -> int:
 
 class StaleGraphError(RuntimeError):
     """ONNX graphs are missing, corrupt, or were exported from another checkpoint."""
-
-
-def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over parameter names, dtypes, shapes and bytes (independent of the file layout)."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def _file_sha256(path: Path) -> str:
@@ -286,6 +276,8 @@ def export_onnx(model, out_dir: str | Path, weights_sha256: str | None = None, o
     into place, the manifest last, so concurrent readers and writers are safe.
     """
     cfg: ModelConfig = model.config
+    if cfg.pooling != "mean":
+        raise ValueError(f"the ONNX backend exports mean pooling only (this model pools by {cfg.pooling})")
     opset = default_opset() if opset is None else opset
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

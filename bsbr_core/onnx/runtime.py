@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bsbr_core.config import ModelConfig
 from bsbr_core.io import load_config
-from bsbr_core.model import DocumentClassifier, _check_right_padded, build_model
+from bsbr_core.model import DocumentClassifier, _check_right_padded, build_model, model_fingerprint
 from bsbr_core.onnx.export import (
     ENCODER_FILE, FORWARD_FILE, StaleGraphError, check_manifest, default_opset, export_onnx, weights_digest,
 )
@@ -186,6 +186,8 @@ class OrtClassifier(DocumentClassifier):
     def __init__(self, cfg: ModelConfig, onnx_dir: str | Path, head_state: dict[str, torch.Tensor],
                  weights_sha256: str | None, providers=None, threads: int | None = None, opset: int | None = None):
         super().__init__(cfg)
+        # The fingerprint of the checkpoint's weights, not of the placeholder torch encoder.
+        self._fingerprint = model_fingerprint(cfg, weights_sha256 or weights_digest(head_state))
         self.onnx_dir = Path(onnx_dir)
         self.manifest = check_manifest(self.onnx_dir, cfg, self.fingerprint, weights_sha256, opset)
         providers = default_providers() if providers is None else providers
