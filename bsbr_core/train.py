@@ -269,6 +269,18 @@ def _validate(model, split: TokenizedSplit, tc: TrainConfig, device) -> dict:
 
 
 @dataclass
+class TrainData:
+    """Splits to train on instead of a corpus folder (e.g. a synthetic task):
+    token ids already made, a tokenizer whose vocabulary covers them (saved
+    with the checkpoints), and the class names the labels index."""
+
+    train: TokenizedSplit
+    validation: TokenizedSplit
+    tokenizer: Any
+    labels: list[str]
+
+
+@dataclass
 class TrainResult:
     """record: what <out>/checkpoint/trainer.json holds (history, best epoch,
     steps, wall time, ...); model: the model after the last step done."""
@@ -281,11 +293,13 @@ class TrainResult:
         return bool(self.record.get("stopped"))
 
 
-def train(model_cfg: ModelConfig | dict, tc: TrainConfig, command: str | None = None) -> TrainResult:
+def train(model_cfg: ModelConfig | dict, tc: TrainConfig, command: str | None = None,
+          data: TrainData | None = None) -> TrainResult:
     """Train (or resume) per tc.
 
     model_cfg: a ModelConfig, or a dict of ModelConfig fields; vocab_size and
     labels are always taken from the tokenizer and the corpus.
+    data: in-memory splits to use instead of tc.data_dir's corpus.
     """
     from tqdm import tqdm
 
@@ -294,10 +308,13 @@ def train(model_cfg: ModelConfig | dict, tc: TrainConfig, command: str | None = 
     from bsbr_core.tokenizer import load_tokenizer
 
     out = Path(tc.out_dir)
-    data_dir = Path(tc.data_dir) if tc.data_dir is not None else data_lib.default_kernel_docs_dir()
-    tok_path = Path(tc.tokenizer) if tc.tokenizer is not None else data_dir / "tokenizer.json"
-    tokenizer = load_tokenizer(tok_path)
-    labels = data_lib.load_meta(data_dir)["labels"]
+    if data is None:
+        data_dir = Path(tc.data_dir) if tc.data_dir is not None else data_lib.default_kernel_docs_dir()
+        tok_path = Path(tc.tokenizer) if tc.tokenizer is not None else data_dir / "tokenizer.json"
+        tokenizer = load_tokenizer(tok_path)
+        labels = data_lib.load_meta(data_dir)["labels"]
+    else:
+        tokenizer, labels = data.tokenizer, list(data.labels)
     fields = model_cfg.to_dict() if isinstance(model_cfg, ModelConfig) else dict(model_cfg)
     fields.update(vocab_size=tokenizer.get_vocab_size(), labels=labels)
     cfg = ModelConfig.from_dict(fields)
@@ -308,8 +325,11 @@ def train(model_cfg: ModelConfig | dict, tc: TrainConfig, command: str | None = 
         trainer = json.loads((ckpt / "trainer.json").read_text())
         _check_resumable(trainer, cfg, tc, ckpt)
     t_setup = time.perf_counter()
-    train_split = load_tokenized(data_dir, "train", tokenizer, tc.token_cache)
-    val_split = load_tokenized(data_dir, "validation", tokenizer, tc.token_cache)
+    if data is None:
+        train_split = load_tokenized(data_dir, "train", tokenizer, tc.token_cache)
+        val_split = load_tokenized(data_dir, "validation", tokenizer, tc.token_cache)
+    else:
+        train_split, val_split = data.train, data.validation
 
     torch.manual_seed(tc.seed)
     model = build_model(cfg).to(device)
