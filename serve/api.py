@@ -18,8 +18,10 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.constants import REF_TEMPLATE
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from pydantic.json_schema import JsonSchemaMode, models_json_schema
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -57,8 +59,41 @@ through a session whose state is carried between requests, or as one NDJSON
 stream. Errors: `{"error": {"code", "message"}}`; 429 and 503 carry Retry-After.
 """
 
-app = FastAPI(title="bsbr-serve", version="0.1.0", description=DESCRIPTION)
 
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    """A $ref to `model` in the OpenAPI document's components."""
+    return {"$ref": REF_TEMPLATE.format(model=model.__name__)}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` of a route: these statuses, and any other (405, ...), carry ErrorResponse."""
+    return {**{k: {"model": schemas.ErrorResponse} for k in statuses},
+            "default": {"model": schemas.ErrorResponse, "description": "Any other error"}}
+
+
+class _Ingress(FastAPI):
+    """FastAPI whose OpenAPI document also holds the models of NDJSON bodies.
+
+    FastAPI adds to `components.schemas` only the models of JSON bodies and
+    responses. The stream route names the models of its lines by `_ref`, and
+    they are added here, so that every $ref resolves inside the document."""
+
+    ndjson_models: tuple[tuple[type[BaseModel], JsonSchemaMode], ...] = (
+        (schemas.StreamLine, "validation"), (schemas.SessionResult, "serialization"),
+        (schemas.ErrorResponse, "serialization"),
+    )
+
+    def openapi(self) -> dict[str, Any]:
+        if not self.openapi_schema:
+            doc = super().openapi()
+            _, defs = models_json_schema(self.ndjson_models, ref_template=REF_TEMPLATE)
+            components = doc.setdefault("components", {}).setdefault("schemas", {})
+            for name, schema in defs.get("$defs", {}).items():
+                components.setdefault(name, schema)
+        return self.openapi_schema
+
+
+app = _Ingress(title="bsbr-serve", version="0.1.0", description=DESCRIPTION)
 
 
 class _Runtime:
@@ -197,9 +232,15 @@ class LimitsAndTiming:
 class NdjsonStream(StreamingResponse):
     """A StreamingResponse that never reads `receive`: the route's generator
     is still reading the request body (pages) while it answers, and
-    Starlette's disconnect listener would swallow those body messages."""
+    Starlette's disconnect listener would swallow those body messages.
 
-    media_type = NDJSON
+    The media type is set per response, not on the class: as the route's
+    `response_class` the class then adds no body schema of its own to the
+    OpenAPI document (the route declares its lines), and the route's error
+    responses stay application/json."""
+
+    def __init__(self, content: AsyncIterator[bytes], status_code: int = 200) -> None:
+        super().__init__(content, status_code=status_code, media_type=NDJSON)
 
     async def __call__(self, scope, receive, send):
         await self.stream_response(send)
@@ -327,8 +368,7 @@ class Api:
         """200 while the process lives."""
         return {"status": "ok"}
 
-    @app.get("/readyz", response_model=schemas.Readiness, tags=["health"],
-             responses={503: {"model": schemas.ErrorResponse}})
+    @app.get("/readyz", response_model=schemas.Readiness, tags=["health"], responses=_errors(503))
     async def readyz(self):
         """200 when every model deployment answers, else 503."""
         async def ping(h) -> bool:
@@ -347,7 +387,7 @@ class Api:
         return JSONResponse({"error": {"code": e.code, "message": e.message}, "models": status},
                             status_code=503, headers={"Retry-After": e.retry_after_header})
 
-    @app.get("/v1/models", response_model=schemas.ModelList, tags=["models"])
+    @app.get("/v1/models", response_model=schemas.ModelList, tags=["models"], responses=_errors(429, 503))
     async def list_models(self):
         """The served models, their labels and limits."""
         out = []
@@ -358,14 +398,14 @@ class Api:
         return {"models": out}
 
     @app.post("/v1/classify", response_model=schemas.ClassifyResponse, tags=["classify"],
-              responses={k: {"model": schemas.ErrorResponse} for k in (400, 404, 413, 422, 429, 503)})
+              responses=_errors(400, 404, 413, 422, 429, 503))
     async def classify(self, body: schemas.ClassifyRequest, request: Request):
         """Classify a whole document (text with form feeds, or pages) in one request."""
         result = await self._call(body.model, "classify", body.text, body.pages, request=request)
         return self._with_replica(result, request)
 
     @app.post("/v1/sessions", status_code=201, response_model=schemas.SessionCreated, tags=["sessions"],
-              responses={k: {"model": schemas.ErrorResponse} for k in (400, 404, 422, 429, 503)})
+              responses=_errors(400, 404, 422, 429, 503))
     async def create_session(self, body: schemas.SessionCreateRequest, request: Request):
         """Open a session: its pages arrive in later requests; the state is carried between them."""
         result = await self._call(body.model, "create_session", body.ttl_s, request=request)
@@ -373,7 +413,7 @@ class Api:
         return self._with_replica(result, request, status=201)
 
     @app.post("/v1/sessions/{session_id}/pages", response_model=schemas.SessionResult, tags=["sessions"],
-              responses={k: {"model": schemas.ErrorResponse} for k in (400, 404, 409, 413, 422, 429, 503)})
+              responses=_errors(400, 404, 409, 413, 422, 429, 503))
     async def append_pages(self, session_id: str, body: schemas.PagesRequest, request: Request):
         """Append the next page(s); the same seq again returns its stored answer; a gap is 409."""
         model = await self._model_of(session_id, request)
@@ -382,7 +422,7 @@ class Api:
         return self._with_replica(result, request)
 
     @app.get("/v1/sessions/{session_id}", response_model=schemas.SessionResult, tags=["sessions"],
-             responses={404: {"model": schemas.ErrorResponse}})
+             responses=_errors(404))
     async def get_session(self, session_id: str, request: Request):
         """The session's current result."""
         model = await self._model_of(session_id, request)
@@ -390,7 +430,7 @@ class Api:
         return self._with_replica(result, request)
 
     @app.delete("/v1/sessions/{session_id}", response_model=schemas.SessionResult, tags=["sessions"],
-                responses={404: {"model": schemas.ErrorResponse}})
+                responses=_errors(404))
     async def delete_session(self, session_id: str, request: Request):
         """The final result; the session is gone."""
         model = await self._model_of(session_id, request)
@@ -399,12 +439,14 @@ class Api:
         return self._with_replica(result, request)
 
     @app.post(
-        STREAM_ROUTE, tags=["classify"],
-        responses={200: {"content": {NDJSON: {"schema": schemas.SessionResult.model_json_schema()}},
-                         "description": "one running result per page, then one with final: true"},
-                   **{k: {"model": schemas.ErrorResponse} for k in (400, 404, 413, 422, 429, 503)}},
-        openapi_extra={"requestBody": {"required": True, "content": {
-            NDJSON: {"schema": schemas.StreamLine.model_json_schema()}}}},
+        STREAM_ROUTE, tags=["classify"], response_class=NdjsonStream,
+        responses={200: {"content": {NDJSON: {"schema": {"anyOf": [_ref(schemas.SessionResult),
+                                                                   _ref(schemas.ErrorResponse)]}}},
+                         "description": "NDJSON, each line: the running result after a page, the last one "
+                                        "with final: true, or an error that ends the stream"},
+                   **_errors(400, 404, 413, 422, 429, 503)},
+        openapi_extra={"requestBody": {"required": True, "description": "NDJSON, each line: one page",
+                                       "content": {NDJSON: {"schema": _ref(schemas.StreamLine)}}}},
     )
     async def classify_stream(self, request: Request, model: str = Query(..., description="model name")):
         """Stream a document: request body NDJSON, one `{"text": ...}` per page (chunked

@@ -8,6 +8,8 @@ pages of the model's `page_tokens` tokens.
 """
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 
 
@@ -16,13 +18,32 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _text_or_pages_schema(schema: dict[str, Any]) -> None:
+    """State `_Document._exactly_one` in the JSON schema, so that a generated
+    client or a fuzzer sends one of `text` and `pages`: exactly one is
+    present, and neither is null (null means absent) nor defaults to null."""
+    schema["oneOf"] = [{"required": ["text"]}, {"required": ["pages"]}]
+    for name in ("text", "pages"):
+        prop = schema["properties"][name]
+        prop.pop("default", None)
+        (given,) = [s for s in prop.pop("anyOf") if s.get("type") != "null"]
+        prop.update(given)
+
+
 class _Document(_Request):
+    # The schema states these rules, the checks stay where they were, and so do
+    # the answers: `_exactly_one` refuses both, neither and `[]` (422
+    # validation_error), and `""` reaches the model (422 empty_document, as
+    # whitespace-only text). Field constraints would change those answers.
+    model_config = ConfigDict(json_schema_extra=_text_or_pages_schema)
+
     text: StrictStr | None = Field(
         default=None, description="the document; form feeds (\\f) separate pages",
-        examples=["First page.\fSecond page."],
+        examples=["First page.\fSecond page."], json_schema_extra={"minLength": 1},
     )
     pages: list[StrictStr] | None = Field(
         default=None, description="the document as a list of pages", examples=[["First page.", "Second page."]],
+        json_schema_extra={"minItems": 1},
     )
 
     @model_validator(mode="after")
