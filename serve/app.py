@@ -13,7 +13,7 @@ from typing import Any
 from ray.serve import Application
 
 from serve.api import Api
-from serve.config import AppConfig, ModelSpec
+from serve.config import AppConfig, ModelSpec, check_model_dirs
 from serve.deployments import ModelServer
 from serve.router import ROUTER_PATH
 
@@ -34,15 +34,6 @@ def model_deployment_options(spec: ModelSpec) -> dict[str, Any]:
     if spec.session_routing:
         opts["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH)
     return opts
-
-
-def check_model_dirs(cfg: AppConfig) -> None:
-    """Fail before any replica starts when a model directory is incomplete."""
-    for spec in cfg.models:
-        p = Path(spec.path)
-        missing = [f for f in ("config.json", "model.safetensors", "tokenizer.json") if not (p / f).is_file()]
-        if missing:
-            raise FileNotFoundError(f"model {spec.name!r}: {p} lacks {', '.join(missing)}")
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -159,13 +159,25 @@ def discover_models(root: Path) -> list[ModelSpec]:
 
 
 def missing_models_message(root: Path) -> str:
+    # One line: `bsbr-serve up` prints it as its whole answer.
+    where = f"{root}" if root.is_dir() else f"{root} (no such directory)"
     return (
-        f"no models found under {root} (each model is a directory with config.json, "
-        "model.safetensors and tokenizer.json).\n"
-        "Create small untrained models for development with:\n"
-        f"    bsbr-serve init-models --random --dir {root}\n"
-        "or train real ones (see README: bsbr-serve train ...), or pass --models-dir."
+        f"no models found under {where}: each model is a directory with config.json, model.safetensors "
+        f"and tokenizer.json; make untrained ones for development with `bsbr-serve init-models --random "
+        f"--dir {root}`, train real ones (README: bsbr-serve train), or pass --models-dir"
     )
+
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def check_model_dirs(cfg: AppConfig) -> None:
+    """Fail before Ray or any replica starts when a model directory is incomplete."""
+    for spec in cfg.models:
+        p = Path(spec.path)
+        missing = [f for f in MODEL_FILES if not (p / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"model {spec.name!r}: {p} lacks {', '.join(missing)}")
 
 
 def is_trained(path: str | Path) -> bool:
