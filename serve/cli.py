@@ -7,11 +7,14 @@
     bsbr-serve compare DIR [--models bsbr,standard] [--out DIR]
     bsbr-serve data | tokenizer | train | evaluate ...   (bsbr_core's commands)
 
-Every command returns its exit code: 0 ok, 1 request failed, 2 usage or setup error.
+Every command returns its exit code: 0 ok, 1 request failed, 2 usage or setup error
+(one `error: ...` line on stderr). The client commands and `--help` import
+neither torch nor Ray: bsbr_core's commands are mounted only when one of them runs.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -21,10 +24,32 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from serve.client import DEFAULT_URL, ApiError, Client, client_pages, read_document
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_METRICS_PORT = 8080
+
+# bsbr_core's commands, mounted by bsbr_core.cli.add_subcommands. Importing
+# bsbr_core imports torch (about 2 s), so the parser lists them by these help
+# lines and mounts them only when one of them is the command (tests check
+# that the lines match bsbr_core's).
+LIBRARY_COMMANDS = {
+    "data": "build a corpus",
+    "tokenizer": "train a tokenizer",
+    "train": "train a classifier on a corpus (resumes from --out if it holds a checkpoint)",
+    "evaluate": "accuracy and macro-F1 of a saved model on a corpus split, by length",
+}
+
+
+def _error(message: object) -> None:
+    """The one line a failed command prints."""
+    print("error: " + " ".join(str(message).split()), file=sys.stderr)
+
+
+class ConfigError(ValueError):
+    """--config cannot be read or is not a configuration."""
 
 
 # --- up ---------------------------------------------------------------------------
@@ -33,16 +58,44 @@ DEFAULT_METRICS_PORT = 8080
 def load_app_args(args: argparse.Namespace) -> dict[str, Any]:
     """`args:` of build_app from --config (a Serve config or the args alone) or --models-dir."""
     if args.config:
-        import yaml
-
-        doc = yaml.safe_load(Path(args.config).read_text()) or {}
-        if "applications" in doc:
-            doc = (doc["applications"][0] or {}).get("args") or {}
-        return doc
+        return _read_config(Path(args.config))
     out: dict[str, Any] = {}
     if args.models_dir:
         out["models_dir"] = str(args.models_dir)
     return out
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    import yaml
+
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read --config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ConfigError(f"--config {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    doc = {} if doc is None else doc
+    if isinstance(doc, dict) and "applications" in doc:
+        apps = doc["applications"]
+        if not (isinstance(apps, list) and apps and isinstance(apps[0], dict)):
+            raise ConfigError(f"--config {path}: `applications` holds no application")
+        doc = apps[0].get("args") or {}
+    if not isinstance(doc, dict):
+        raise ConfigError(f"--config {path}: expected build_app args or a Serve config (a mapping), "
+                          f"found a {type(doc).__name__}")
+    return doc
+
+
+def _validation_summary(e: Exception) -> str:
+    from pydantic import ValidationError
+
+    if not isinstance(e, ValidationError):
+        return str(e)
+    return "; ".join(f"{'.'.join(map(str, err['loc'])) or 'config'}: {err['msg']}" for err in e.errors()[:5])
 
 
 def _needed_cpus(app_args: dict[str, Any]) -> float:
@@ -59,16 +112,23 @@ def _needed_cpus(app_args: dict[str, Any]) -> float:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from serve.config import AppConfig
+    from serve.config import AppConfig, check_model_dirs
 
-    app_args = load_app_args(args)
+    # Everything a user can get wrong is checked here, before Ray starts (seconds).
     try:
+        app_args = load_app_args(args)
         cfg = AppConfig.model_validate(app_args).with_discovered_models()
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+        check_model_dirs(cfg)
+    except (ConfigError, FileNotFoundError) as e:
+        _error(e)
         return EXIT_USAGE
     except ValueError as e:
-        print(f"error: invalid configuration: {e}", file=sys.stderr)
+        _error(f"invalid configuration: {_validation_summary(e)}")
+        return EXIT_USAGE
+    taken = _bind_error(args.host, args.port)
+    if taken is not None:
+        hint = " (another server is listening there; choose another --port)" if taken.errno == errno.EADDRINUSE else ""
+        _error(f"cannot serve on {args.host}:{args.port}: {taken.strerror or taken}{hint}")
         return EXIT_USAGE
 
     import ray
@@ -115,7 +175,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             time.sleep(0.2)
         print("\nstopping ...", flush=True)
     except Exception as e:  # noqa: BLE001 - report, then shut down cleanly
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        _error(f"{type(e).__name__}: {e}")
         code = EXIT_FAIL
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -127,15 +187,29 @@ def cmd_up(args: argparse.Namespace) -> int:
     return code
 
 
-def _port_free(host: str, port: int) -> bool:
+def _bind_error(host: str, port: int) -> OSError | None:
+    """Why a server could not listen on host:port, or None if it can.
+
+    SO_REUSEADDR as servers set it (uvicorn, Prometheus' exporter): a port
+    left in TIME_WAIT by a server that just stopped counts as free."""
     import socket
 
-    with socket.socket() as s:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        return e
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+            s.bind(addr)
+        except OSError as e:
+            return e
+    return None
+
+
+def _port_free(host: str, port: int) -> bool:
+    return _bind_error(host, port) is None
 
 
 def _metrics_port() -> int | None:
@@ -161,13 +235,13 @@ def cmd_init_models(args: argparse.Namespace) -> int:
     from serve.devmodels import write_random_models
 
     if not args.random:
-        print("error: only --random is supported here; train real models with `bsbr-serve train`", file=sys.stderr)
+        _error("only --random is supported here; train real models with `bsbr-serve train`")
         return EXIT_USAGE
     root = Path(args.dir) if args.dir else repo_models_dir()
     try:
         written = write_random_models(root, tuple(args.names.split(",")), size=args.size, force=args.force)
     except FileExistsError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return EXIT_USAGE
     for p in written:
         print(f"wrote UNTRAINED random model {p}")
@@ -184,14 +258,32 @@ def _print_result(r: dict[str, Any]) -> None:
     print("scores: " + ", ".join(f"{k} {v:.3f}" for k, v in top))
 
 
+# What a request can fail with: the server's answer, or no answer.
+REQUEST_ERRORS = (ApiError, httpx.HTTPError, OSError)
+
+
+def _request_failed(url: str, e: Exception) -> int:
+    _error(e if isinstance(e, ApiError) else f"no answer from {url}: {str(e) or type(e).__name__}")
+    return EXIT_FAIL
+
+
+def _read_file(path: Path) -> str | None:
+    try:
+        return read_document(path)
+    except OSError as e:
+        _error(f"cannot read {path}: {e.strerror or e}")
+        return None
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
-    text = read_document(args.file)
+    text = _read_file(args.file)
+    if text is None:
+        return EXIT_USAGE
     with Client(args.url) as c:
         try:
             r = c.classify(args.model, text=text)
-        except (ApiError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_FAIL
+        except REQUEST_ERRORS as e:
+            return _request_failed(args.url, e)
     if args.json:
         print(json.dumps(r, indent=2))
         return EXIT_OK
@@ -204,7 +296,10 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    pages = client_pages(read_document(args.file), args.page_chars)
+    text = _read_file(args.file)
+    if text is None:
+        return EXIT_USAGE
+    pages = client_pages(text, args.page_chars)
     with Client(args.url) as c:
         try:
             last = None
@@ -218,9 +313,8 @@ def cmd_stream(args: argparse.Namespace) -> int:
                     print(f"page {r['seq'] + 1:>4}/{len(pages)}  tokens {r['num_tokens']:>8}  "
                           f"{r['label']:<20} {r['scores'][r['label']]:.3f}  {ms:8.2f} ms  "
                           f"state {r['state_bytes'] / 1024:.1f} KiB", flush=True)
-        except (ApiError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return EXIT_FAIL
+        except REQUEST_ERRORS as e:
+            return _request_failed(args.url, e)
     if last is not None and not args.json:
         print("final:")
         _print_result(last)
@@ -234,11 +328,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         report = compare(args.url, args.dir, models, args.out, split=args.split, limit=args.limit)
     except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(e)
         return EXIT_USAGE
-    except (ApiError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_FAIL
+    except REQUEST_ERRORS as e:
+        return _request_failed(args.url, e)
     print(table(report))
     print(f"\nwrote {Path(args.out) / 'compare.json'} and {Path(args.out) / 'compare.png'}")
     return EXIT_OK
@@ -247,7 +340,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 # --- parser ---------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(library: bool = True) -> argparse.ArgumentParser:
+    """The whole command line; with `library=False` bsbr_core's commands are
+    only listed (LIBRARY_COMMANDS), so that building it imports no torch."""
     p = argparse.ArgumentParser(prog="bsbr-serve", description="Long-document classification server (BSBR on Ray Serve)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -293,6 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", type=Path, default=Path("bench/results/compare"))
     cmp_.set_defaults(func=cmd_compare)
 
+    if not library:
+        for name, helptext in LIBRARY_COMMANDS.items():
+            sub.add_parser(name, help=helptext, add_help=False)  # listed; main() mounts the real one
+        return p
     try:
         from bsbr_core.cli import add_subcommands
     except ImportError:
@@ -303,7 +402,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(library=command in LIBRARY_COMMANDS).parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -1,12 +1,17 @@
-"""The bsbr-serve client commands against the live test application, and init-models."""
+"""The bsbr-serve command as a user meets it: the client commands against the
+live test application, init-models, the errors of `up` (one line, before Ray
+starts), and commands that never import torch or Ray."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import pytest
 from conftest_serve import document
 
-from serve.cli import main
+from serve.cli import LIBRARY_COMMANDS, main
 
 pytest_plugins = ["conftest_serve"]
 
@@ -79,3 +84,140 @@ def test_library_commands_are_mounted():
 
     args = build_parser().parse_args(["data", "kernel-docs", "--out", "/tmp/x"])
     assert callable(args.func)
+
+
+def test_library_commands_are_listed_by_bsbr_cores_own_help_lines():
+    import argparse
+
+    from bsbr_core.cli import add_subcommands
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_subcommands(sub)
+    assert {a.dest: a.help for a in sub._choices_actions} == LIBRARY_COMMANDS
+
+
+# --- in a fresh process, as a user runs it ----------------------------------------------------
+
+# Runs bsbr-serve's main in a fresh interpreter, then reports its exit code and
+# which heavy packages it imported on the last stdout line.
+PROBE = """
+import json, sys
+from serve.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as e:
+    code = e.code
+heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "ray", "bsbr_core"})
+print("\\n" + json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+def bsbr_serve(*argv: str) -> tuple[int, list[str], str, str]:
+    """(exit code, heavy packages imported, stdout, stderr) of `bsbr-serve ARGV...`."""
+    out = subprocess.run([sys.executable, "-c", PROBE, *argv], capture_output=True, text=True, timeout=120,
+                         check=False)
+    *lines, last = out.stdout.rstrip("\n").split("\n")
+    report = json.loads(last)
+    return report["code"], report["heavy"], "\n".join(lines), out.stderr
+
+
+def assert_one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["classify", "--help"], ["stream", "--help"], ["compare", "--help"],
+                                  ["up", "--help"]], ids=" ".join)
+def test_help_imports_neither_torch_nor_ray(argv):
+    code, heavy, out, err = bsbr_serve(*argv)
+    assert code == 0 and "usage: bsbr-serve" in out, err
+    assert heavy == []
+    if argv == ["--help"]:
+        assert all(name in out for name in ("up", "classify", *LIBRARY_COMMANDS))
+
+
+@pytest.mark.parametrize("command", ["classify", "stream", "compare"])
+def test_client_commands_import_neither_torch_nor_ray(tmp_path, command):
+    doc = tmp_path / "doc.txt"
+    doc.write_text("a page\fanother page")
+    # Nothing listens on port 1: the command fails as a request, after its imports.
+    code, heavy, _, err = bsbr_serve(command, str(doc), "--url", "http://127.0.0.1:1",
+                                     *(["--out", str(tmp_path / "out")] if command == "compare" else []))
+    assert code == 1 and "no answer from http://127.0.0.1:1" in assert_one_error_line(err)
+    assert heavy == []
+
+
+def test_a_missing_document_is_one_line(tmp_path):
+    code, heavy, _, err = bsbr_serve("classify", str(tmp_path / "nope.txt"))
+    assert code == 2 and "cannot read" in assert_one_error_line(err) and heavy == []
+
+
+def test_a_library_command_runs_with_bsbr_core_mounted():
+    code, heavy, out, err = bsbr_serve("train", "--help")
+    assert code == 0 and "--arch" in out, err
+    assert "torch" in heavy
+
+
+@pytest.fixture
+def models_dir(tmp_path):
+    """A models directory that passes up's checks (the files are never read before Ray starts)."""
+    root = tmp_path / "models"
+    (root / "bsbr").mkdir(parents=True)
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        (root / "bsbr" / f).write_text("{}")
+    return root
+
+
+def config_file(tmp_path, text: str):
+    p = tmp_path / "serve.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("missing", "cannot read --config"),
+    ("directory", "cannot read --config"),
+    ("not yaml", "is not valid YAML at line"),
+    ("a list", "expected build_app args or a Serve config"),
+    ("no applications", "`applications` holds no application"),
+    ("unknown key", "invalid configuration: modles: Extra inputs are not permitted"),
+    ("bad model", "invalid configuration: models.0.path: Field required"),
+])
+def test_up_with_a_bad_config_is_one_line_before_ray(tmp_path, case, expect):
+    path = {
+        "missing": lambda: tmp_path / "nonexistent.yaml",
+        "directory": lambda: tmp_path,
+        "not yaml": lambda: config_file(tmp_path, "models: [{name: bsbr,\n"),
+        "a list": lambda: config_file(tmp_path, "- models\n"),
+        "no applications": lambda: config_file(tmp_path, "applications: []\n"),
+        "unknown key": lambda: config_file(tmp_path, "modles: []\n"),
+        "bad model": lambda: config_file(tmp_path, "applications:\n  - args: {models: [{name: bsbr}]}\n"),
+    }[case]()
+    code, heavy, _, err = bsbr_serve("up", "--config", str(path))
+    assert code == 2 and expect in assert_one_error_line(err)
+    assert "ray" not in heavy
+
+
+def test_up_on_a_taken_port_is_one_line_before_ray(models_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, heavy, _, err = bsbr_serve("up", "--models-dir", str(models_dir), "--port", str(port))
+    line = assert_one_error_line(err)
+    assert code == 2 and f"127.0.0.1:{port}" in line and "in use" in line and "--port" in line
+    assert "ray" not in heavy
+
+
+@pytest.mark.parametrize("layout", ["empty", "absent", "incomplete"])
+def test_up_without_a_usable_model_is_one_line_before_ray(tmp_path, models_dir, layout):
+    root = {"empty": tmp_path / "empty", "absent": tmp_path / "absent", "incomplete": models_dir}[layout]
+    if layout == "empty":
+        root.mkdir()
+    if layout == "incomplete":
+        (models_dir / "bsbr" / "tokenizer.json").unlink()
+    code, heavy, _, err = bsbr_serve("up", "--models-dir", str(root))
+    line = assert_one_error_line(err)
+    assert code == 2 and "ray" not in heavy
+    assert ("lacks tokenizer.json" if layout == "incomplete" else "init-models --random") in line
