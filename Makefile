@@ -23,13 +23,26 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q -e '.[$(ORT),test]'
 	touch $@
 
-# Debian tools the integration tests run for real: Prometheus + promtool.
+# Debian tools the integration tests run for real: Prometheus + promtool
+# (package prometheus) and curl (the README's examples). Without them those
+# tests skip, with a warning here; under CI=true a missing tool fails this
+# step, and the tests that need it fail rather than skip.
+TEST_TOOLS := prometheus promtool curl
+TEST_PACKAGES := prometheus curl
 install-test-tools:
-	@if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then \
-		if [ "$$(id -u)" = 0 ]; then \
-			(apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus) \
-			|| echo "warning: could not install Debian's prometheus; Prometheus tests will be skipped"; \
-		else echo "warning: not root, cannot apt-get install prometheus; Prometheus tests will be skipped"; fi; \
+	@missing() { for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || printf ' %s' $$t; done; }; \
+	if [ -n "$$(missing)" ]; then \
+		if [ "$$(id -u)" = 0 ]; then sudo=; elif sudo -n true 2>/dev/null; then sudo=sudo; else sudo=none; fi; \
+		if [ "$$sudo" != none ]; then \
+			$$sudo apt-get update -q && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+				--no-install-recommends $(TEST_PACKAGES) || true; \
+		fi; \
+		gone="$$(missing)"; \
+		if [ -n "$$gone" ]; then \
+			why="test tools missing:$$gone (apt-get install $(TEST_PACKAGES) as root or with sudo)"; \
+			if [ "$${CI:-}" = true ]; then echo "error: $$why; CI=true needs every test tool" >&2; exit 1; fi; \
+			echo "warning: $$why; the tests that need them will be skipped" >&2; \
+		fi; \
 	fi
 
 test: install install-test-tools

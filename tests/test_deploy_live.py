@@ -34,10 +34,10 @@ from pathlib import Path
 import pytest
 import yaml
 from deploy_helpers import DEPLOY, ROOT, SERVE_CONFIGS, load_yaml
+from tool_helpers import require_tool
 
 pytestmark = pytest.mark.slow
 
-PROMETHEUS = shutil.which("prometheus")
 RULES = sorted((DEPLOY / "prometheus" / "rules").glob("*.rules.yml"))
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "bsbr-vs-standard.json"
 APP = "bsbr-serve"
@@ -202,7 +202,7 @@ def send_traffic(base: str) -> None:
 class Prometheus:
     """Debian's prometheus on a free port, scraping Ray's export every second."""
 
-    def __init__(self, target: str, workdir: Path):
+    def __init__(self, binary: str, target: str, workdir: Path):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = {
@@ -214,7 +214,7 @@ class Prometheus:
         cfg.write_text(yaml.safe_dump(config))
         self.log = open(workdir / "prometheus.log", "w")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [PROMETHEUS, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
+            [binary, f"--config.file={cfg}", f"--storage.tsdb.path={workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
             stdout=self.log, stderr=subprocess.STDOUT,
         )
@@ -244,12 +244,16 @@ class Prometheus:
 
 
 @pytest.fixture(scope="module")
-def scraped(cpu_profile, tmp_path_factory):
+def prometheus_binary() -> str:
+    """Asked for before cpu_profile, so a missing Prometheus skips before the profile starts."""
+    return require_tool("prometheus")
+
+
+@pytest.fixture(scope="module")
+def scraped(prometheus_binary, cpu_profile, tmp_path_factory):
     """A Prometheus that has scraped the server before and after traffic, so
     that every rate() has an increase to measure."""
-    if PROMETHEUS is None:
-        pytest.skip("Debian's `prometheus` is not installed (make install-test-tools)")
-    prom = Prometheus(cpu_profile["metrics"], tmp_path_factory.mktemp("prometheus"))
+    prom = Prometheus(prometheus_binary, cpu_profile["metrics"], tmp_path_factory.mktemp("prometheus"))
     try:
         send_traffic(cpu_profile["base"])
         wait_for("first samples of every model", lambda: prom.has(

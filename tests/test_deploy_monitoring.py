@@ -9,15 +9,14 @@ queries against a real server is tests/test_deploy_live.py.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import yaml
 from deploy_helpers import DEPLOY, load_yaml
+from tool_helpers import require_tool
 
-PROMTOOL = shutil.which("promtool")
 PROM_DIR = DEPLOY / "prometheus"
 RULE_FILES = sorted((PROM_DIR / "rules").glob("*.rules.yml"))
 RULE_TESTS = sorted((PROM_DIR / "rules" / "tests").glob("*.test.yml"))
@@ -25,32 +24,27 @@ CONFIGS = sorted(PROM_DIR.glob("*.yml"))
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "bsbr-vs-standard.json"
 
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (make install-test-tools)")
-
-
 def promtool(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([PROMTOOL, *args], check=False, capture_output=True, text=True, timeout=120,
+    """Run promtool in deploy/prometheus; the test skips without it (fails under CI)."""
+    return subprocess.run([require_tool("promtool"), *args], check=False, capture_output=True, text=True, timeout=120,
                           cwd=PROM_DIR)
 
 
 # ----------------------------------------------------------------- Prometheus
 
 
-@needs_promtool
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_promtool_check_config(config):
     out = promtool("check", "config", str(config))
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@needs_promtool
 def test_promtool_check_rules():
     assert RULE_FILES, "no rule files"
     out = promtool("check", "rules", *map(str, RULE_FILES))
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-@needs_promtool
 def test_promtool_rule_unit_tests():
     assert RULE_TESTS, "no rule unit tests"
     out = promtool("test", "rules", *map(str, RULE_TESTS))
@@ -134,7 +128,6 @@ def test_dashboard_layout_and_datasources():
     assert variables["model"]["allValue"] == variables["mode"]["allValue"] == ".*"
 
 
-@needs_promtool
 def test_dashboard_promql_parses(tmp_path):
     # promtool has no "check expression": each query becomes a recording rule.
     subst = {"$model": ".*", "$mode": ".*", "$__rate_interval": "1m", "$__range": "5m"}

@@ -3,7 +3,6 @@ Prometheus (Debian's package) scraping it with deploy/'s config answers
 PromQL for per-page latency quantiles of both models."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import threading
 import time
@@ -13,6 +12,7 @@ import httpx
 import pytest
 import yaml
 from conftest_serve import document, free_port
+from tool_helpers import require_tool
 
 from serve.metrics import METRIC_NAMES
 
@@ -73,8 +73,8 @@ def test_one_scrape_of_the_export_port_shows_every_replica(serve_cluster, busy):
     assert 'le="0.001"' in text and 'le="600.0"' in text
 
 
-@pytest.mark.skipif(shutil.which("prometheus") is None, reason="Debian's prometheus is not installed")
 def test_prometheus_answers_page_latency_quantiles_for_both_models(serve_cluster, busy, tmp_path):
+    prometheus = require_tool("prometheus")
     cfg = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
     # The shipped config, pointed at this test's export port and scraping every second.
     cfg["global"]["scrape_interval"] = "1s"
@@ -84,12 +84,11 @@ def test_prometheus_answers_page_latency_quantiles_for_both_models(serve_cluster
     job["static_configs"] = [{"targets": [f"127.0.0.1:{serve_cluster['metrics_port']}"]}]
     conf = tmp_path / "prometheus.yml"
     conf.write_text(yaml.safe_dump(cfg))
-    if shutil.which("promtool"):
-        subprocess.run(["promtool", "check", "config", str(conf)], check=True, capture_output=True)
+    subprocess.run([require_tool("promtool"), "check", "config", str(conf)], check=True, capture_output=True)
 
     port = free_port()
     prom = subprocess.Popen(
-        ["prometheus", f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'data'}",
+        [prometheus, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'data'}",
          f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

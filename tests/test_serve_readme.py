@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from tool_helpers import require_tool
 
 pytest_plugins = ["conftest_serve"]
 pytestmark = pytest.mark.slow
@@ -23,8 +23,8 @@ def api_examples() -> str:
     return "\n".join(blocks)
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_readme_curl_examples(serve_cluster):
+    require_tool("curl")
     script = api_examples().replace("http://127.0.0.1:8000", serve_cluster["url"])
     out = subprocess.run(["bash", "-euo", "pipefail", "-c", script], capture_output=True, text=True, timeout=300,
                          check=False)
