@@ -26,25 +26,57 @@ def traffic(url: str, stop: threading.Event) -> None:
     """Pages through both models, one-shot and in sessions, until stopped."""
     pages = document(3, words_per_page=8, seed=5)
     with httpx.Client(base_url=url, timeout=60) as c:
+
+        def call(method: str, path: str, status: int = 200, **kw) -> httpx.Response:
+            r = c.request(method, path, **kw)
+            assert r.status_code == status, f"{method} {path}: {r.status_code} {r.text[:300]}"
+            return r
+
         while not stop.is_set():
             for model in ("bsbr", "standard"):
-                c.post("/v1/classify", json={"model": model, "pages": pages})
-                sid = c.post("/v1/sessions", json={"model": model}).json()["session_id"]
+                call("POST", "/v1/classify", json={"model": model, "pages": pages})
+                sid = call("POST", "/v1/sessions", 201, json={"model": model}).json()["session_id"]
                 for i, p in enumerate(pages):
-                    c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]})
-                c.delete(f"/v1/sessions/{sid}")
-                c.post("/v1/classify", json={"model": model, "text": ""})  # an error, counted
+                    call("POST", f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]})
+                call("DELETE", f"/v1/sessions/{sid}")
+                call("POST", "/v1/classify", 422, json={"model": model, "text": ""})  # an error, counted
             stop.wait(0.2)
+
+
+class Traffic:
+    """`traffic` in a background thread. An exception there fails the test
+    (`check()`, called while the test waits and at teardown) instead of
+    silently ending the thread and leaving the test to time out."""
+
+    def __init__(self, url: str):
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, args=(url,), daemon=True)
+        self.thread.start()
+
+    def _run(self, url: str) -> None:
+        try:
+            traffic(url, self.stop)
+        except BaseException as e:  # noqa: BLE001 - handed to the test by check()
+            self.error = e
+
+    def check(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None  # reported once
+            raise AssertionError(f"the traffic thread failed: {error!r}") from error
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.thread.join(120)
+        self.check()
+        assert not self.thread.is_alive(), "the traffic thread did not stop"
 
 
 @pytest.fixture
 def busy(serve_cluster):
-    stop = threading.Event()
-    t = threading.Thread(target=traffic, args=(serve_cluster["url"], stop), daemon=True)
-    t.start()
-    yield
-    stop.set()
-    t.join(60)
+    t = Traffic(serve_cluster["url"])
+    yield t
+    t.finish()
 
 
 def scrape(port: int) -> str:
@@ -54,6 +86,7 @@ def scrape(port: int) -> str:
 def test_one_scrape_of_the_export_port_shows_every_replica(serve_cluster, busy):
     deadline = time.time() + 90
     while True:
+        busy.check()
         text = scrape(serve_cluster["metrics_port"])
         series = [line for line in text.splitlines() if line.startswith("ray_bsbr_page_latency_seconds_count")]
         replicas = {part for line in series for part in line.split(",") if part.startswith("replica=")}
@@ -99,6 +132,7 @@ def test_prometheus_answers_page_latency_quantiles_for_both_models(serve_cluster
         deadline = time.time() + 150
         by_model: dict[str, float] = {}
         while time.time() < deadline and set(by_model) != {"bsbr", "standard"}:
+            busy.check()
             time.sleep(3)
             try:
                 r = httpx.get(f"{api}/query", params={"query": query}, timeout=10).json()
