@@ -74,6 +74,9 @@ class TrainConfig:
         done (to split a run; the same command resumes).
     init_from: a saved model folder (same ModelConfig) to start from instead
         of a random init; optimizer and schedule start afresh (a warm restart).
+    curriculum: per epoch, the longest document (tokens) it trains on; longer
+        ones sit that epoch out (the last entry holds for later epochs). One
+        schedule over all steps, so a curriculum is not a chain of restarts.
     """
 
     out_dir: str = "runs/bsbr"
@@ -100,12 +103,17 @@ class TrainConfig:
     export: str | None = None
     progress: bool = True
     init_from: str | None = None
+    curriculum: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.crop not in ("random", "head"):
             raise ValueError(f"crop must be 'random' or 'head', got {self.crop!r}")
         if self.epochs < 1 or self.batch_tokens < 1 or self.max_train_tokens < 1 or self.checkpoint_every < 1:
             raise ValueError("epochs, batch_tokens, max_train_tokens and checkpoint_every must be >= 1")
+        if self.curriculum is not None:
+            self.curriculum = [int(n) for n in self.curriculum]
+            if not self.curriculum or min(self.curriculum) < 1:
+                raise ValueError("curriculum must list positive document lengths")
 
 
 # -- data plan -------------------------------------------------------------------
@@ -129,8 +137,11 @@ def epoch_plan(lengths: list[int], cap: int, chunk: int, crop: str, tc: TrainCon
     """Batches of (doc index, window start, window length) for one epoch: a
     pure function of (lengths, cap, chunk, crop, seed, epoch)."""
     rng = random.Random(f"bsbr-train/{tc.seed}/{epoch}")
+    longest_doc = None if tc.curriculum is None else tc.curriculum[min(epoch, len(tc.curriculum) - 1)]
     windows = []
     for i, n in enumerate(lengths):
+        if longest_doc is not None and n > longest_doc:
+            continue
         if n > cap and crop == "random":
             start = rng.randrange(0, (n - cap) // chunk + 1) * chunk
         else:

@@ -63,13 +63,23 @@ class LongRangeSettings:
     train_distances: tuple[int, int] = (5, 1024)
     val_count: int = 512
     epochs: int = 8
-    batch_tokens: int = 4096
+    # Longest sequence per epoch (bsbr_core.train's curriculum): BSBR learns
+    # retrieval one or two chunks back in ~2000 steps, but not from a mix
+    # that starts at 1024 (measured: chance after 4 of 8 epochs).
+    curriculum: tuple[int, ...] | None = (128, 128, 256, 512, 1100)
+    batch_tokens: int = 2048
+    max_batch_docs: int = 32
     lr: float = 3e-3
     eval_distances: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)
     eval_count: int = 100
     seed: int = 0
     workers: int = 2
     threads_per_worker: int = 1
+    # Part 2: kernel-docs models (name -> model folder, relative to the checkout),
+    # trained on whole documents by the commands in their training records.
+    kernel_docs_models: dict = field(default_factory=dict)
+    kernel_docs_pairs: tuple = (("bsbr", "standard-512"), ("bsbr", "standard"))
+    bootstrap: int = 1000
 
 
 PROFILES = {
@@ -78,14 +88,24 @@ PROFILES = {
         model=dict(hidden_dim=16, num_layers=1, num_heads=2, ff_dim=16, chunk_size=8, window=8,
                    pooling="last", dropout=0.0, rope_base=1e9),
         archs=("bsbr", "standard-512", "bag"), train_count=64, train_distances=(3, 24), val_count=16,
-        epochs=1, batch_tokens=512, eval_distances=(16, 40), eval_count=8, workers=1,
+        epochs=2, curriculum=(12, 30), batch_tokens=512, eval_distances=(16, 40), eval_count=8, workers=1,
     ),
-    "cpu": LongRangeSettings(task=RecallTask(num_pairs=4, num_keys=16, num_filler=32)),
+    "cpu": LongRangeSettings(
+        task=RecallTask(num_pairs=4, num_keys=16, num_filler=32),
+        kernel_docs_models={
+            "bsbr": "runs/kd/bsbr/best", "standard": "runs/kd/standard/best",
+            "standard-512": "runs/kd/standard-512/best", "linear": "runs/kd/linear/best",
+            "sliding_window": "runs/kd/sliding_window/best", "delta_net": "runs/kd/delta_net/best",
+            "bsbr (512-token windows)": "runs/kd/shipped-512win/bsbr",
+            "standard (512-token windows)": "runs/kd/shipped-512win/standard",
+            "standard-512 (512-token windows)": "runs/kd/shipped-512win/standard-512",
+        }),
     "gpu": LongRangeSettings(
         task=RecallTask(num_pairs=8, num_keys=64, num_filler=64),
         model=dict(hidden_dim=128, num_layers=2, num_heads=4, ff_dim=256, chunk_size=64, window=128,
                    pooling="last", dropout=0.0, rope_base=1e9),
-        train_count=100000, train_distances=(9, 4096), epochs=16, eval_count=500, workers=1, threads_per_worker=8,
+        train_count=100000, train_distances=(9, 4096), epochs=16, curriculum=(128, 128, 256, 512, 1024, 2048, 4200),
+        batch_tokens=8192, max_batch_docs=64, eval_count=500, workers=1, threads_per_worker=8,
     ),
 }
 
@@ -126,6 +146,7 @@ def _train_and_score(arch: str, s: LongRangeSettings, work_dir: str, device: str
     train_split, val_split = _splits(s)
     data = TrainData(train_split, val_split, s.task.tokenizer(), s.task.labels)
     tc = TrainConfig(out_dir=str(run_dir), epochs=s.epochs, lr=s.lr, batch_tokens=s.batch_tokens,
+                     max_batch_docs=s.max_batch_docs, curriculum=None if s.curriculum is None else list(s.curriculum),
                      max_train_tokens=max(len(d) for d in train_split.docs), balance_power=0.0,
                      seed=s.seed, device=device, checkpoint_every=200, progress=False)
     model_cfg = {**s.model, **ARCHS[arch]}
@@ -170,7 +191,53 @@ def run(s: LongRangeSettings, ctx) -> dict:
     summary = _summarise(rows, s, chance)
     _plot_accuracy(rows, s, chance, ctx.out_dir / "long_range.png")
     _plot_curves(rows, ctx.out_dir / "long_range_curves.png")
-    return {"chance": chance, "vocab_size": task.vocab_size, "archs": rows, "summary": summary}
+    out = {"chance": chance, "vocab_size": task.vocab_size, "archs": rows, "summary": summary}
+    if s.kernel_docs_models:
+        out["kernel_docs"] = _kernel_docs(s, ctx)
+    return out
+
+
+def _kernel_docs(s: LongRangeSettings, ctx) -> dict:
+    from bsbr_core.data import default_kernel_docs_dir
+    from experiments import kernel_docs
+    from experiments.runner import ROOT
+
+    repo = ROOT.parent
+    models = {name: str(repo / path) for name, path in s.kernel_docs_models.items()}
+    res = kernel_docs.score_models(models, default_kernel_docs_dir(), ctx.work_dir / "kernel_docs", ctx.device,
+                                   s.bootstrap, s.seed, s.kernel_docs_pairs, log=ctx.log)
+    _plot_kernel_docs(res, ctx.out_dir / "long_range_kernel_docs.png")
+    return res
+
+
+def _plot_kernel_docs(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from experiments.kernel_docs import BUCKETS
+
+    names = [n for n, m in res["models"].items() if "buckets" in m]
+    buckets = [b for b, _, _ in BUCKETS]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / max(1, len(names))
+    for i, n in enumerate(names):
+        rows = res["models"][n]["buckets"]
+        acc = [rows[b]["accuracy"] or 0 for b in buckets]
+        err = [[(rows[b]["accuracy"] or 0) - (rows[b]["accuracy_ci"] or [0, 0])[0] for b in buckets],
+               [(rows[b]["accuracy_ci"] or [0, 0])[1] - (rows[b]["accuracy"] or 0) for b in buckets]]
+        ax.bar([j + i * width for j in range(len(buckets))], acc, width, yerr=err, capsize=2, label=n)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(buckets))])
+    ax.set_xticklabels([f"{b}\n({res['models'][names[0]]['buckets'][b]['num_docs']} docs)" for b in buckets]
+                       if names else buckets)
+    ax.set_ylabel("test accuracy (95% bootstrap interval)")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("kernel-docs test accuracy by document length (tokens)")
+    ax.legend(fontsize=6, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _summarise(rows: dict, s: LongRangeSettings, chance: float) -> dict:
@@ -250,7 +317,8 @@ def report(record: dict) -> str:
         f"before the query. Chance is {r['chance']:.3f}. Every model has hidden {model['hidden_dim']}, "
         f"{model['num_layers']} layers, {model['num_heads']} heads, chunk {model['chunk_size']}, window "
         f"{model['window']}, pooling `{model['pooling']}`, and was trained through bsbr_core.train on the same "
-        f"{s['train_count']} sequences (distances log-uniform in {s['train_distances']}) for {s['epochs']} epochs; "
+        f"{s['train_count']} sequences (distances log-uniform in {s['train_distances']}) for {s['epochs']} epochs "
+        f"(longest sequence by epoch: {s['curriculum']}); "
         f"each distance is scored on {s['eval_count']} fresh sequences.",
         "",
         "**The page's claim** (accuracy at 512 / 1024 / 2048 tokens): BSBR 0.94 / 0.92 / 0.89, "
@@ -274,9 +342,64 @@ def report(record: dict) -> str:
     for k, v in sm.items():
         if k.endswith("gap_to_chance") or "beyond" in k:
             lines.append(f"{k.replace('_', ' ')}: {v if v is None else round(v, 3)}.")
+    if "kernel_docs" in r:
+        lines += ["", _report_kernel_docs(r["kernel_docs"])]
     if "verdict" in r:
         lines += ["", r["verdict"]]
     return "\n".join(lines) + "\n"
+
+
+def _fmt_ci(m: dict, key: str) -> str:
+    v, ci = m[key], m[key + "_ci"]
+    return "-" if v is None else f"{v:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def _report_kernel_docs(kd: dict) -> str:
+    from experiments.kernel_docs import BUCKETS
+
+    buckets = ["all"] + [b for b, _, _ in BUCKETS] + [">2048"]
+    lines = [
+        "### Kernel-docs, whole documents",
+        "",
+        f"Test split: {kd['test_docs']} documents, each read whole. Accuracy with 95% bootstrap intervals "
+        "(documents resampled):",
+        "",
+        "| model | " + " | ".join(buckets) + " | leak-masked all | leak-masked >2048 |",
+        "|---|" + "---|" * (len(buckets) + 2),
+    ]
+    docs_row = None
+    for name, m in kd["models"].items():
+        if "buckets" not in m:
+            lines.append(f"| {name} | not trained (no model at `{m['missing']}`) |")
+            continue
+        docs_row = docs_row or m["buckets"]
+        lines.append(f"| {name} | " + " | ".join(_fmt_ci(m["buckets"][b], "accuracy") for b in buckets)
+                     + f" | {_fmt_ci(m['masked'], 'accuracy')} | {_fmt_ci(m['masked_over_2048'], 'accuracy')} |")
+    if docs_row:
+        lines.append("| documents | " + " | ".join(str(docs_row[b]["num_docs"]) for b in buckets) + " | | |")
+    lines += ["", "Macro-F1 (95% bootstrap intervals):", "",
+              "| model | " + " | ".join(buckets) + " |", "|---|" + "---|" * len(buckets)]
+    for name, m in kd["models"].items():
+        if "buckets" in m:
+            lines.append(f"| {name} | " + " | ".join(_fmt_ci(m["buckets"][b], "macro_f1") for b in buckets) + " |")
+    lines += ["", "McNemar's exact test on documents over 2048 tokens (a_only: documents only the first model "
+              "gets right):", ""]
+    for pair, t in kd["mcnemar_over_2048"].items():
+        lines.append(f"- {pair}: {t['a_only']} vs {t['b_only']}, p = {t['p_value']:.3f}")
+    lines += ["", f"Leak masking replaced {kd['masked_mentions']} mentions of `Documentation/<class>/` "
+              f"({kd['docs_mentioning_own_label']} test documents name their own class that way) by "
+              "`Documentation/`.", "", "Training records:", ""]
+    for name, m in kd["models"].items():
+        info = m.get("info")
+        if info:
+            hist = info.get("history") or []
+            last = hist[-1] if hist else {}
+            lines.append(f"- {name}: `{info.get('command')}`; windows of {info.get('max_train_tokens')} tokens; "
+                         f"{len(hist)} epochs, {((info.get('wall_time_s') or 0) / 60):.0f} min; last validation "
+                         f"accuracy {last.get('val_accuracy', float('nan')):.3f} (by epoch: "
+                         + ", ".join(f"{h['val_accuracy']:.3f}" for h in hist) + ")")
+    lines += ["", "![kernel-docs by bucket](../experiments/results/long_range_kernel_docs.png)"]
+    return "\n".join(lines)
 
 
 # -- python -m experiments.long_range sample ----------------------------------------

@@ -122,3 +122,40 @@ def test_runner_rejects_unknown_names_and_profiles(tmp_path):
         run_experiment("nope", "smoke", out_dir=tmp_path)
     with pytest.raises(KeyError, match="no profile"):
         run_experiment("long_range", "huge", out_dir=tmp_path)
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    from experiments.kernel_docs import mcnemar_exact
+
+    a = [True] * 10 + [False] * 2 + [True] * 5
+    b = [False] * 10 + [True] * 2 + [True] * 5
+    t = mcnemar_exact(a, b)
+    assert (t["a_only"], t["b_only"]) == (10, 2)
+    # P(X <= 2 | n=12, 1/2) = (1 + 12 + 66) / 4096; two-sided doubles it.
+    assert t["p_value"] == pytest.approx(2 * 79 / 4096)
+    assert mcnemar_exact([True, False], [True, False])["p_value"] == 1.0
+    assert mcnemar_exact(b, a)["p_value"] == pytest.approx(t["p_value"])
+
+
+def test_bootstrap_interval_covers_the_estimate_and_narrows_with_more_documents():
+    from experiments.kernel_docs import accuracy, bootstrap_ci, macro_f1
+
+    rng = random.Random(0)
+    y = [rng.randrange(3) for _ in range(400)]
+    p = [t if rng.random() < 0.7 else (t + 1) % 3 for t in y]
+    lo, hi = bootstrap_ci(y, p, accuracy, 500, 0)
+    assert lo <= accuracy(y, p) <= hi and 0.6 < lo < hi < 0.8
+    lo_s, hi_s = bootstrap_ci(y[:40], p[:40], accuracy, 500, 0)
+    assert hi_s - lo_s > hi - lo
+    assert bootstrap_ci([], [], accuracy) is None
+    assert macro_f1([0, 1, 1], [0, 1, 0]) == pytest.approx((2 / 3 + 2 / 3) / 2)
+
+
+def test_leak_masking_removes_class_paths_only():
+    from experiments.kernel_docs import leak_pattern, mask_leaks
+
+    pat = leak_pattern(["admin-guide", "admin", "networking"])
+    text = "See Documentation/admin-guide/foo.rst and Documentation/networking/x, not Documentation/other/y."
+    masked, k = mask_leaks(text, pat)
+    assert k == 2
+    assert masked == "See Documentation/foo.rst and Documentation/x, not Documentation/other/y."

@@ -152,6 +152,18 @@ def test_epoch_plan_covers_every_document_within_the_token_budget():
     assert all(start == 0 for batch in head for _, start, _ in batch)
 
 
+def test_curriculum_leaves_longer_documents_out_of_early_epochs():
+    rng = random.Random(0)
+    lengths = [rng.randint(1, 300) for _ in range(200)]
+    tc = TrainConfig(batch_tokens=512, seed=1, curriculum=[50, 150])
+    for epoch, longest in ((0, 50), (1, 150), (2, 150), (5, 150)):
+        plan = epoch_plan(lengths, cap=1000, chunk=16, crop="random", tc=tc, epoch=epoch)
+        seen = sorted(i for batch in plan for i, _, _ in batch)
+        assert seen == [i for i, n in enumerate(lengths) if n <= longest]
+    with pytest.raises(ValueError, match="curriculum"):
+        TrainConfig(curriculum=[0])
+
+
 def test_lr_warms_up_then_decays_to_the_floor():
     tc = TrainConfig(lr=1e-3, min_lr_ratio=0.1, warmup_frac=0.1)
     lrs = [lr_at(s, 100, tc) for s in range(100)]
