@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from bsbr_core.attention import MECHANISMS
 from bsbr_core.config import ModelConfig
+from bsbr_core.errors import InputError
 from bsbr_core.pooling import build_pooling
 from bsbr_core.state import AppendLog, State, StateError
 
@@ -107,7 +108,7 @@ def _check_right_padded(mask: torch.Tensor) -> None:
     lengths = mask.sum(1, keepdim=True)
     expected = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths
     if not torch.equal(mask, expected):
-        raise ValueError("attention_mask must be right-padded: 1s for real tokens, then 0s")
+        raise InputError("attention_mask must be right-padded: 1s for real tokens, then 0s")
 
 
 class DocumentClassifier(nn.Module):
@@ -218,9 +219,9 @@ class DocumentClassifier(nn.Module):
         if piece_ids.dim() == 1:
             piece_ids = piece_ids[None]
         if piece_ids.shape[0] != state.batch_size:
-            raise ValueError(f"piece batch {piece_ids.shape[0]} != state batch {state.batch_size}")
+            raise InputError(f"piece batch {piece_ids.shape[0]} != state batch {state.batch_size}")
         if piece_ids.numel() and (int(piece_ids.min()) < 0 or int(piece_ids.max()) >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+            raise InputError(f"token ids must lie in [0, {cfg.vocab_size})")
         if state.pending_ids.device != self.device:
             state = state.to(self.device)
         piece_ids = piece_ids.to(self.device)
@@ -264,13 +265,13 @@ class DocumentClassifier(nn.Module):
         longer than one segment falls back to step() for that document.
         """
         if len(pieces) != len(states):
-            raise ValueError("pieces and states differ in number")
+            raise InputError("pieces and states differ in number")
         cfg, Bk = self.config, self.config.block_size
         out: list = [None] * len(pieces)
         docs = []  # (index, ids, n_commit, state)
         for i, (p, s) in enumerate(zip(pieces, states)):
             if isinstance(s, State) and s.batch_size != 1:
-                raise ValueError("step_many takes single-document states")
+                raise InputError("step_many takes single-document states")
             s, ids, num_tokens = self._next_tokens(torch.as_tensor(p, dtype=torch.long).reshape(1, -1), s)
             n_commit = ids.shape[1] // Bk * Bk
             if n_commit > self._segment:

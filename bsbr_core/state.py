@@ -29,13 +29,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from bsbr_core.errors import StateError
+
 MAGIC = b"BSBRSTATE"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct(">9sH32s")  # magic, version, sha256(payload)
-
-
-class StateError(ValueError):
-    """A state blob is corrupt, of an unknown version, or made by another model."""
 
 
 class _Storage:

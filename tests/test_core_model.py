@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from bsbr_core import ModelConfig, build_model, load_model, save_model
+from bsbr_core import InputError, ModelConfig, State, StateError, build_model, load_model, save_model
 from core_helpers import VARIANT_CFGS, VARIANT_IDS, small_model
 
 TOL = 1e-4
@@ -180,6 +180,40 @@ def test_token_ids_out_of_range_rejected():
     model = small_model(arch="bsbr")
     with pytest.raises(ValueError):
         model.step(torch.tensor([[97]]), model.init_state(1))
+
+
+def _bad_inputs():
+    """(name, call) of every input the model refuses as bad input."""
+    model = small_model(arch="bsbr")
+    other = small_model(arch="bsbr", seed=1)  # same config, other weights
+    one, two = model.init_state(1), model.init_state(2)
+    ok = torch.tensor([[1, 2, 3]])
+    return [
+        ("id past the vocabulary", lambda: model.step(torch.tensor([[97]]), one)),
+        ("negative id", lambda: model.step(torch.tensor([[-1]]), one)),
+        ("piece batch != state batch", lambda: model.step(ok, two)),
+        ("step_many id past the vocabulary", lambda: model.step_many([ok, torch.tensor([[97]])], [one, one])),
+        ("step_many counts differ", lambda: model.step_many([ok, ok], [one])),
+        ("step_many multi-document state", lambda: model.step_many([ok], [two])),
+        ("left-padded mask", lambda: model(torch.ones(1, 4, dtype=torch.long), torch.tensor([[0, 1, 1, 1]]))),
+        ("state of another model", lambda: model.step(ok, other.init_state(1))),
+        ("not a state", lambda: model.step(ok, {"num_tokens": 0})),
+        ("corrupt state blob", lambda: State.from_bytes(b"BSBRSTATE" + bytes(40))),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_bad_inputs())), ids=[name for name, _ in _bad_inputs()])
+def test_each_bad_input_raises_the_typed_input_error(index):
+    _, call = _bad_inputs()[index]
+    with pytest.raises(InputError) as e:
+        call()
+    assert isinstance(e.value, ValueError)  # callers that caught ValueError still do
+
+
+def test_state_error_is_an_input_error_importable_from_both_places():
+    from bsbr_core.state import StateError as FromState
+
+    assert FromState is StateError and issubclass(StateError, InputError) and issubclass(InputError, ValueError)
 
 
 @pytest.mark.parametrize("arch", ["bsbr", "standard", "delta_net"])

@@ -18,7 +18,7 @@ import torch
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from bsbr_core import ModelConfig, State, build_model, save_model  # noqa: E402
+from bsbr_core import InputError, ModelConfig, State, build_model, save_model  # noqa: E402
 from bsbr_core.onnx import OrtClassifier, StaleGraphError, load_onnx_model  # noqa: E402
 from bsbr_core.onnx.export import default_opset  # noqa: E402
 
@@ -117,9 +117,9 @@ def test_oneshot_without_mask_and_empty(pair):
 
 def test_oneshot_rejects_bad_input(pair):
     _, ort_model = pair
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         ort_model(torch.tensor([[1, 2, 500]]))
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         ort_model(torch.tensor([[1, 2, 3]]), torch.tensor([[1, 0, 1]]))
 
 
@@ -190,7 +190,7 @@ def test_step_many(pair):
 def test_foreign_state_rejected(pair):
     _, ort_model = pair
     other = build_model(small_config(arch="linear", hidden_dim=16))
-    with pytest.raises(ValueError):
+    with pytest.raises(InputError):
         ort_model.step(torch.tensor([[1, 2]]), other.init_state(1))
 
 

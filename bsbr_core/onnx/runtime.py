@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsbr_core.config import ModelConfig
+from bsbr_core.errors import InputError
 from bsbr_core.io import load_config
 from bsbr_core.model import DocumentClassifier, _check_right_padded, build_model, model_fingerprint
 from bsbr_core.onnx.export import (
@@ -221,7 +222,7 @@ class OrtClassifier(DocumentClassifier):
             input_ids = input_ids[:, : cfg.max_length]
             attention_mask = None if attention_mask is None else attention_mask[:, : cfg.max_length]
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            raise ValueError(f"token ids must lie in [0, {cfg.vocab_size})")
+            raise InputError(f"token ids must lie in [0, {cfg.vocab_size})")
         b, n = input_ids.shape
         if attention_mask is None:
             mask = torch.ones(b, n, dtype=torch.int64)
