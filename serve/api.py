@@ -30,6 +30,7 @@ from serve.config import AppConfig, HttpConfig
 from serve.errors import (
     BodyTooLarge,
     EmptyDocument,
+    InternalError,
     InvalidEncoding,
     InvalidJSON,
     MethodNotAllowed,
@@ -168,9 +169,7 @@ async def _http_exception(request: Request, e: StarletteHTTPException):
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, e: Exception):
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
-    err = ServeError(f"internal error: {type(e).__name__}")
-    err.status, err.code = 500, "internal_error"
-    return _error_response(request, err)
+    return _error_response(request, InternalError(f"internal error: {type(e).__name__}"))
 
 
 class LimitsAndTiming:

@@ -107,4 +107,5 @@ class ModelServer:
     async def stats(self) -> dict[str, Any]:
         b = self.engine.batcher
         return {"result": {"hot_sessions": len(self.engine.hot), "hot_bytes": self.engine.hot_bytes,
-                           "batches": b.batches, "batched_steps": b.batched_steps}, "replica": self.replica}
+                           "batches": b.batches, "batched_steps": b.batched_steps,
+                           "batch_fallbacks": b.fallbacks}, "replica": self.replica}

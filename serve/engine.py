@@ -11,7 +11,15 @@ same thing and DESIGN.md 1.4 makes their logits equal.
 Batching: every page step of every request goes through `StepBatcher`,
 which collects the steps that arrive while the model is busy (or within
 `batch_wait_ms` while other requests are in flight) and runs them with
-`model.step_many`, which batches documents whose positions line up.
+`model.step_many`, which packs the documents' pieces into one pass. When
+step_many raises for a batch of several documents, the batch is re-run one
+document at a time so only the document at fault fails; that is logged and
+counted (bsbr_batch_fallbacks_total).
+
+Errors: bsbr_core's `InputError` (ids outside the vocabulary, a foreign
+state, ...) is the one model exception a request can cause: it becomes 422
+validation_error. Any other exception out of the model is the server's
+fault: logged here with its traceback, answered 500 internal_error.
 
 Sessions: the state after each page stays hot here (LRU, `hot_max_bytes`)
 and is committed to the `SessionStore` with a compare-and-set on `seq`
@@ -21,6 +29,7 @@ never applied twice.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,9 +40,11 @@ from typing import Any
 
 import torch
 
+from bsbr_core import InputError
 from serve.config import ModelSpec, SessionConfig, is_trained, model_card
 from serve.errors import (
     BackendUnsupported,
+    InternalError,
     SeqGap,
     ServeError,
     SessionIncompatible,
@@ -44,6 +55,8 @@ from serve.errors import (
 from serve.metrics import EngineMetrics, PeakMemory
 from serve.pages import tokenize_document
 from serve.store import SessionStore, new_session_id
+
+logger = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -67,19 +80,25 @@ class StepBatcher:
 
     One worker thread owns the model (torch ops release the GIL, so the
     event loop keeps accepting requests while a batch runs and the next
-    batch fills up meanwhile). A failing batch is retried step by step so
-    one bad document fails alone.
+    batch fills up meanwhile). A failing batch of several documents is
+    retried step by step so one bad document fails alone (a fallback:
+    logged, counted in `fallbacks` and bsbr_batch_fallbacks_total); a
+    failing batch of one is that document's answer.
     """
 
-    def __init__(self, model, max_batch_size: int = 16, batch_wait_s: float = 0.002, peak: PeakMemory | None = None):
+    def __init__(self, model, max_batch_size: int = 16, batch_wait_s: float = 0.002, peak: PeakMemory | None = None,
+                 metrics: EngineMetrics | None = None, name: str = ""):
         self.model = model
+        self.name = name
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.peak = peak or PeakMemory(model.device)
+        self.metrics = metrics or EngineMetrics()
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         self.active_requests = 0  # documents being read right now (set by Engine)
         self.batches = 0
         self.batched_steps = 0
+        self.fallbacks = 0
         self._queue: asyncio.Queue[_StepJob] | None = None
         self._worker: asyncio.Task | None = None
 
@@ -109,27 +128,38 @@ class StepBatcher:
                 break
         return batch
 
-    def _run_batch(self, batch: list[_StepJob]) -> tuple[list, int]:
+    def _run_batch(self, batch: list[_StepJob]) -> tuple[list, int, Exception | None]:
+        """(per job: (logits, state) or its exception, peak bytes, the
+        step_many exception if the batch fell back to one step per job)."""
         self.peak.reset()
         try:
             out = self.model.step_many([j.ids for j in batch], [j.state for j in batch])
-        except Exception:  # noqa: BLE001 - find the document at fault, step by step below
+        except Exception as e:  # noqa: BLE001 - find the document at fault, step by step below
+            if len(batch) == 1:
+                return [e], self.peak.peak(), None
             out = []
             for j in batch:
                 try:
                     out.append(self.model.step(j.ids, j.state))
-                except Exception as e:  # noqa: BLE001 - reported to that request only
-                    out.append(e)
-        return out, self.peak.peak()
+                except Exception as e_j:  # noqa: BLE001 - reported to that request only
+                    out.append(e_j)
+            return out, self.peak.peak(), e
+        return out, self.peak.peak(), None
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             try:
-                results, peak = await loop.run_in_executor(self.executor, self._run_batch, batch)
+                results, peak, fallback = await loop.run_in_executor(self.executor, self._run_batch, batch)
             except Exception as e:  # noqa: BLE001 - never let the worker die
-                results, peak = [e] * len(batch), 0
+                results, peak, fallback = [e] * len(batch), 0, None
+            if fallback is not None:
+                self.fallbacks += 1
+                self.metrics.batch_fallback()
+                failed = sum(isinstance(r, Exception) for r in results)
+                logger.warning("model %s: step_many failed for a batch of %d steps (%s: %s); stepped them one by "
+                               "one, %d failed", self.name, len(batch), type(fallback).__name__, fallback, failed)
             self.batches += 1
             self.batched_steps += len(batch)
             done = time.perf_counter()
@@ -203,7 +233,8 @@ class Engine:
         vocab = tokenizer.get_vocab_size()
         if vocab > self.cfg.vocab_size:
             raise ValueError(f"{name}: tokenizer has {vocab} ids but the model only {self.cfg.vocab_size}")
-        self.batcher = StepBatcher(model, spec.max_batch_size, spec.batch_wait_ms / 1000.0)
+        self.batcher = StepBatcher(model, spec.max_batch_size, spec.batch_wait_ms / 1000.0,
+                                   metrics=self.metrics, name=name)
         self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="state-io")
         self.hot: OrderedDict[str, HotSession] = OrderedDict()
         self.hot_bytes = 0
@@ -247,8 +278,11 @@ class Engine:
                     out = await self.batcher.step(ids, state)
                 except ServeError:
                     raise
-                except ValueError as e:  # e.g. token ids outside the model's vocabulary
+                except InputError as e:  # e.g. token ids outside the model's vocabulary
                     raise ValidationFailed(f"model {self.name!r} cannot read this page: {e}") from None
+                except Exception as e:  # the model failed on a page it accepted: our fault
+                    logger.error("model %s failed on page %d (%d tokens)", self.name, index, len(ids), exc_info=e)
+                    raise InternalError(f"model {self.name!r} failed on this page ({type(e).__name__})") from None
                 logits, state = out.logits, out.state
                 page_ms.append(out.seconds * 1000.0)
                 peak = max(peak, out.peak_bytes)

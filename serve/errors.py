@@ -122,13 +122,21 @@ class BackendUnsupported(ServeError):
     status, code = 501, "backend_unsupported"
 
 
+class InternalError(ServeError):
+    """A fault of the server (a bug, the machine), never of the request: the
+    model failed on input it accepted. Logged with its traceback where it
+    happened; the client sees only the exception's type."""
+
+    status, code = 500, "internal_error"
+
+
 _BY_CODE: dict[str, type[ServeError]] = {
     cls.code: cls
     for cls in (
         BadRequest, InvalidJSON, InvalidEncoding, ValidationFailed, EmptyDocument,
         UnknownModel, SessionNotFound, NotFound, MethodNotAllowed, SeqGap, SeqExpired,
         SessionIncompatible, TooManyTokens, BodyTooLarge, TooManySessions, StoreFull,
-        Overloaded, NotReady, Unavailable, BackendUnsupported,
+        Overloaded, NotReady, Unavailable, BackendUnsupported, InternalError,
     )
 }
 

@@ -41,6 +41,13 @@ METRIC_NAMES = (
     "bsbr_session_resumes_total",
     "bsbr_errors_total",
 )
+# Counted only when their event happens (a Ray counter has no series before
+# its first increment), so a healthy server may never export them.
+#   bsbr_batch_fallbacks_total{model}: batches of several page steps whose
+#   model.step_many raised, re-run one document at a time to find the one at
+#   fault (each is also logged with the exception). A steady rate means a bug
+#   in the batched path or a client sending unreadable pages.
+EVENT_METRIC_NAMES = ("bsbr_batch_fallbacks_total",)
 
 
 def page_bucket(page_index: int) -> str:
@@ -62,6 +69,7 @@ class EngineMetrics:
     def sessions_active(self, n: int) -> None: ...
     def resume(self, source: str) -> None: ...
     def error(self, code: str, model: str | None = None) -> None: ...
+    def batch_fallback(self) -> None: ...
 
 
 class RayServeMetrics(EngineMetrics):
@@ -96,6 +104,11 @@ class RayServeMetrics(EngineMetrics):
             tag_keys=("model", "source"),
         )
         self._errors = m.Counter("bsbr_errors_total", description="error answers by code", tag_keys=("model", "code"))
+        self._fallbacks = m.Counter(
+            "bsbr_batch_fallbacks_total",
+            description="batches whose step_many failed and were re-run one document at a time",
+            tag_keys=("model",),
+        )
 
     def page(self, mode, seconds, page_index=1):
         self._page.observe(seconds, tags={"model": self.model, "mode": mode, "page_index": page_bucket(page_index)})
@@ -125,6 +138,9 @@ class RayServeMetrics(EngineMetrics):
 
     def error(self, code, model=None):
         self._errors.inc(tags={"model": model or self.model, "code": code})
+
+    def batch_fallback(self):
+        self._fallbacks.inc(tags={"model": self.model})
 
 
 class PeakMemory:

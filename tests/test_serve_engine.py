@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest_serve import document
 
+from bsbr_core import InputError
 from serve import errors
 from serve.config import (
     DEFAULT_MAX_TOKENS_STANDARD,
@@ -16,6 +17,7 @@ from serve.config import (
     discover_models,
 )
 from serve.engine import load_engine
+from serve.metrics import EngineMetrics
 from serve.pages import text_pages, tokenize_document
 from serve.router import rendezvous_rank
 from serve.store import MemorySessionStore, SessionTable
@@ -420,3 +422,97 @@ def test_sessions_of_another_model_are_not_found(dev_models):
 def test_untrained_models_say_so(dev_models):
     info = make_engine(dev_models).info()
     assert info["trained"] is False and info["arch"] == "bsbr" and info["labels"]
+
+
+# --- model failures: bad input (422), batch fallbacks, internal errors (500) ---------------
+
+
+class RecordingMetrics(EngineMetrics):
+    def __init__(self):
+        self.fallbacks = 0
+
+    def batch_fallback(self):
+        self.fallbacks += 1
+
+
+async def two_steps_in_one_batch(eng, pieces, state):
+    """Step documents at once: all are queued before the worker runs, so one batch."""
+    eng.batcher.active_requests = len(pieces)
+    return await asyncio.gather(*(eng.batcher.step(p, state) for p in pieces), return_exceptions=True)
+
+
+# An engine's batcher lives on the event loop of its first step: one run(...) per engine.
+
+
+def test_ids_outside_the_vocabulary_are_the_typed_input_error_and_422(dev_models):
+    eng = make_engine(dev_models)
+    bad = [[eng.cfg.vocab_size + 5]]  # what a tokenizer larger than its model would produce
+
+    async def go():
+        with pytest.raises(InputError):
+            await eng.batcher.step(bad[0], eng.model.init_state(1))
+        eng.tokenize = lambda text, pages: bad
+        with pytest.raises(errors.ValidationFailed, match="token ids must lie") as e:
+            await eng.classify(text="anything")
+        return e.value
+
+    assert run(go()).status == 422
+
+
+def test_a_failing_step_many_falls_back_is_counted_and_answers_as_stepping_alone(dev_models, monkeypatch, caplog):
+    metrics = RecordingMetrics()
+    eng = load_engine("bsbr", ModelSpec(name="bsbr", path=str(dev_models / "bsbr")), SessionConfig(),
+                      MemorySessionStore(), metrics)
+    real, calls = eng.model.step_many, []
+
+    def fails_once(pieces, states):
+        calls.append(len(pieces))
+        if len(calls) == 1:
+            raise RuntimeError("packed pass broke")
+        return real(pieces, states)
+
+    monkeypatch.setattr(eng.model, "step_many", fails_once)
+    state = eng.model.init_state(1)
+    pieces = [[1, 2, 3, 4, 5], list(range(7, 40))]
+
+    async def go():
+        first = await two_steps_in_one_batch(eng, pieces, state)
+        counted = eng.batcher.fallbacks
+        await two_steps_in_one_batch(eng, pieces, state)  # step_many again, no fallback
+        return first, counted
+
+    with caplog.at_level("WARNING"):
+        outcomes, counted = run(go())
+    assert calls == [2, 2]
+    assert counted == eng.batcher.fallbacks == 1 and metrics.fallbacks == 1
+    assert "step_many failed" in caplog.text and "packed pass broke" in caplog.text
+    for piece, out in zip(pieces, outcomes):
+        alone_logits, alone_state = eng.model.step(torch.tensor([piece]), state)
+        assert torch.equal(out.logits, alone_logits) and out.state.num_tokens == alone_state.num_tokens
+
+
+def test_a_batch_of_one_does_not_fall_back(dev_models, monkeypatch):
+    eng = make_engine(dev_models)
+    monkeypatch.setattr(eng.model, "step_many", lambda pieces, states: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        run(eng.batcher.step([1, 2, 3], eng.model.init_state(1)))
+    assert eng.batcher.fallbacks == 0
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("CUDA error: an illegal memory access"), ValueError("a bug, not input")])
+def test_a_model_failure_that_is_not_bad_input_is_an_internal_error(dev_models, monkeypatch, caplog, exc):
+    eng = make_engine(dev_models)
+
+    def broken(*args, **kwargs):
+        raise exc
+
+    monkeypatch.setattr(eng.model, "step_many", broken)
+    monkeypatch.setattr(eng.model, "step", broken)
+    with caplog.at_level("ERROR"), pytest.raises(errors.ServeError) as e:
+        run(eng.classify(text="a page of words"))
+    assert not isinstance(e.value, errors.ValidationFailed) and e.value.status != 422
+    assert type(e.value) is errors.InternalError and e.value.status == 500 and e.value.code == "internal_error"
+    assert type(exc).__name__ in e.value.message and str(exc) not in e.value.message  # no internals leak
+    assert "failed on page 1" in caplog.text
+    back = errors.from_wire(e.value.to_wire())
+    assert type(back) is errors.InternalError and back.status == 500
