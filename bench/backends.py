@@ -1,6 +1,6 @@
 """torch vs ONNX Runtime: one-shot latency of bsbr and standard at 1K, 8K and 64K tokens.
 
-Reference size (DESIGN.md 2): hidden 256, 4 heads, 4 layers, ff 1024, chunk
+Reference size (docs/architecture.md 2): hidden 256, 4 heads, 4 layers, ff 1024, chunk
 128, vocab 16384, float32, batch 1, random weights. Both backends take the
 same path: up to segment_tokens (8192) one call (forward.onnx on ORT),
 beyond that segment by segment through the carried state.

@@ -1,6 +1,6 @@
 """One-shot forward time and peak memory of every mechanism against document length.
 
-Reference size (DESIGN.md 2): hidden 256, 4 heads, 4 layers, ff 1024,
+Reference size (docs/architecture.md 2): hidden 256, 4 heads, 4 layers, ff 1024,
 chunk 128, vocab 16384, float32, batch 1. Each (mechanism, length) point runs
 in its own child process so its peak memory is that process's maximum RSS
 (`ru_maxrss`, which counts everything torch allocated, plus the ~0.3-0.5 GB

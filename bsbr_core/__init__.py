@@ -1,6 +1,6 @@
 """bsbr_core: BSBR and baseline attention mechanisms as streamable document classifiers.
 
-Public API (DESIGN.md section 2). Never imports Ray or `serve`.
+Public API (docs/architecture.md section 2). Never imports Ray or `serve`.
 """
 from bsbr_core.compat import BSBRAttention, BSBRLayer, BSBRModel
 from bsbr_core.config import ARCHS, ModelConfig

@@ -13,7 +13,7 @@ POOLINGS = ("mean", "attention", "last")
 
 @dataclass
 class ModelConfig:
-    """Hyper-parameters of an encoder classifier (DESIGN.md 1.3).
+    """Hyper-parameters of an encoder classifier (docs/architecture.md 1.3).
 
     arch: bsbr | standard | linear | sliding_window | delta_net
     chunk_size: B, the block size of BSBR and the commit granularity of the

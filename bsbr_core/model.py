@@ -1,4 +1,4 @@
-"""Encoder classifier over any mechanism (DESIGN.md 1.3) and its streaming step.
+"""Encoder classifier over any mechanism (docs/architecture.md 1.3) and its streaming step.
 
     ids -> embedding -> L x [x + Attn(LN(x)); x + FFN(LN(x))] -> LN -> pooling -> linear -> logits
 
@@ -8,7 +8,7 @@ learned score (bsbr_core.pooling); both stream exactly.
 Every mechanism is block-causal across chunks (a token never depends on a
 later chunk), so reading a document in pieces that commit whole chunks, and
 treating the unfinished chunk as the document's end for the running
-prediction, gives exactly the one-shot logits (DESIGN.md 1.4).
+prediction, gives exactly the one-shot logits (docs/architecture.md 1.4).
 """
 from __future__ import annotations
 

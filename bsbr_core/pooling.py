@@ -5,7 +5,7 @@ tail), so a pooling is a monoid over pieces: `summarize` a piece's hidden
 states into an accumulator, `combine` two accumulators, `readout` the
 document vector. Streaming keeps the accumulator of the committed tokens in
 `State.pool_sum`, so reading a document in any split gives the one-shot
-vector (docs/architecture.md, streaming contract).
+vector (docs/architecture.md 1.4).
 
 - mean:      acc = sum_t h_t (b, D); readout acc / count. The shipped models.
 - attention: softmax-weighted mean with a learned score s_t = w . h_t + c:

@@ -2,7 +2,7 @@
 
 A State holds, for a batch of documents read in step:
 - the tokens of the unfinished chunk (`pending_ids`): only whole chunks are
-  committed, so a piece may end anywhere (DESIGN.md 1.4);
+  committed, so a piece may end anywhere (docs/architecture.md 1.4);
 - the running pooling sum over committed tokens (the count is `committed`);
 - per layer, the mechanism's carried tensors (BSBR: chunk states F_j and meta
   keys h_j; standard: the KV cache; linear / delta_net: the d x d state;

@@ -9,7 +9,7 @@ Layout (text-embeddings-inference style):
   deployments.py  one Serve deployment per model, each replica one Engine
   app.py          build_app(args) for `import_path: serve.app:build_app`
   config.py       AppConfig, the validated `args`
-  metrics.py      the DESIGN.md 4 metrics (ray.serve.metrics)
+  metrics.py      the docs/architecture.md 4 metrics (ray.serve.metrics)
   errors.py       typed errors, one HTTP status each
   cli.py          the bsbr-serve command
 """

@@ -1,4 +1,4 @@
-"""HTTP API (DESIGN.md 3): FastAPI routes behind `@serve.ingress`.
+"""HTTP API (docs/architecture.md 3): FastAPI routes behind `@serve.ingress`.
 
 The ingress knows nothing of tensors: it validates requests (schemas),
 enforces body limits, picks the model deployment (for a session: the model

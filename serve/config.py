@@ -27,7 +27,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # The standard transformer's KV cache grows with the document and its
-# attention is quadratic, so it gets a lower default limit (DESIGN.md 3).
+# attention is quadratic, so it gets a lower default limit (docs/architecture.md 3.3).
 DEFAULT_MAX_TOKENS = 1_048_576
 DEFAULT_MAX_TOKENS_STANDARD = 32_768
 DEFAULT_PAGE_TOKENS = 512

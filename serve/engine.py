@@ -6,7 +6,7 @@ a plain dict shaped like `serve.schemas`; every failure is a `ServeError`.
 
 Reading a document is always the streaming form (`model.step` page by
 page), so a one-shot classification, a session and a stream compute the
-same thing and DESIGN.md 1.4 makes their logits equal.
+same thing and docs/architecture.md 1.4 makes their logits equal.
 
 Batching: every page step of every request goes through `StepBatcher`,
 which collects the steps that arrive while the model is busy (or within

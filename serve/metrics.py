@@ -1,4 +1,4 @@
-"""The metrics of DESIGN.md 4, defined once.
+"""The metrics of docs/architecture.md 4, defined once.
 
 Recorded in the replicas with `ray.serve.metrics` (which adds the replica,
 deployment and application tags) and exported by Ray's metrics agent on

@@ -1,4 +1,4 @@
-"""Pages and tokens: what a client sends, cut the way DESIGN.md 3 defines.
+"""Pages and tokens: what a client sends, cut the way docs/architecture.md 3.1 defines.
 
 A page is an element of `pages`, a part of `text` between form feeds, or a
 run of `page_tokens` tokens of text without form feeds. Tokenisation uses

@@ -1,4 +1,4 @@
-"""Request and response models of the HTTP API (DESIGN.md 3).
+"""Request and response models of the HTTP API (docs/architecture.md 3).
 
 This module is the API's documentation: FastAPI renders it as /openapi.json
 and /docs. A *page* is what the client calls a page: an element of `pages`,

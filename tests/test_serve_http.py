@@ -1,4 +1,4 @@
-"""The HTTP API of DESIGN.md 3 on a real Ray Serve application (127.0.0.1)."""
+"""The HTTP API of docs/architecture.md 3 on a real Ray Serve application (127.0.0.1)."""
 from __future__ import annotations
 
 import json

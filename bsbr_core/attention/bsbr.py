@@ -1,6 +1,6 @@
 """BSBR: softmax attention inside chunks + retrieval of earlier chunks' states.
 
-Per head, chunk c = positions [cB, cB + B) (DESIGN.md 1.1):
+Per head, chunk c = positions [cB, cB + B) (docs/architecture.md 1.1):
     O_loc[c] = softmax(Q_c K_c^T / sqrt(d) + M) V_c
     F_c      = (1/|c|) sum_{s in c} k~_s v~_s^T             (dk x dv)
     h_c      = W_h mean_{s in c} x_s,  r_c = W_r mean_{s in c} x_s

@@ -8,7 +8,7 @@ verifies that the two agree and runs every query against a real Prometheus.
     python deploy/grafana/build_dashboard.py          # rewrite the JSON
     python deploy/grafana/build_dashboard.py --check  # exit 1 if it is stale
 
-Metric names are those of DESIGN.md section 4 as Ray's metrics export writes
+Metric names are those of docs/architecture.md section 4 as Ray's metrics export writes
 them (prefix `ray_`). Variables: `$datasource`, `$model` and `$mode`
 (multi-value, "All" = `.*`).
 """
