@@ -24,11 +24,13 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # Debian tools the integration tests run for real: Prometheus + promtool
-# (package prometheus) and curl (the README's examples). Without them those
+# (package prometheus), curl (the README's examples) and poppler's pdfinfo +
+# pdftotext (poppler-utils: the PDF tests check page counts and text against
+# them). Without them those
 # tests skip, with a warning here; under CI=true a missing tool fails this
 # step, and the tests that need it fail rather than skip.
-TEST_TOOLS := prometheus promtool curl
-TEST_PACKAGES := prometheus curl
+TEST_TOOLS := prometheus promtool curl pdfinfo pdftotext
+TEST_PACKAGES := prometheus curl poppler-utils
 install-test-tools:
 	@missing() { for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || printf ' %s' $$t; done; }; \
 	if [ -n "$$(missing)" ]; then \

@@ -54,6 +54,31 @@ class ValidationFailed(ServeError):
     status, code = 422, "validation_error"
 
 
+class UnsupportedMediaType(ServeError):
+    """A body of a Content-Type the route does not read (JSON and PDF are)."""
+
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidPdf(ServeError):
+    """A PDF body whose text cannot be extracted: not a PDF, damaged or
+    truncated, encrypted with a password, or past the extraction's deadline
+    or memory limit (serve/pdf.py). `reason` (one of serve.pdf.FAILURE_REASONS)
+    labels bsbr_pdf_failures_total; the message tells the client which."""
+
+    status, code = 422, "invalid_pdf"
+
+    def __init__(self, message: str, retry_after_s: float | None = None, reason: str = "damaged"):
+        super().__init__(message, retry_after_s)
+        self.reason = reason
+
+
+class TooManyPdfPages(ServeError):
+    """More PDF pages than `http.max_pdf_pages`, refused before any page is parsed."""
+
+    status, code = 413, "too_many_pages"
+
+
 class EmptyDocument(ServeError):
     status, code = 422, "empty_document"
 
@@ -133,7 +158,8 @@ class InternalError(ServeError):
 _BY_CODE: dict[str, type[ServeError]] = {
     cls.code: cls
     for cls in (
-        BadRequest, InvalidJSON, InvalidEncoding, ValidationFailed, EmptyDocument,
+        BadRequest, InvalidJSON, InvalidEncoding, ValidationFailed, UnsupportedMediaType, InvalidPdf,
+        TooManyPdfPages, EmptyDocument,
         UnknownModel, SessionNotFound, NotFound, MethodNotAllowed, SeqGap, SeqExpired,
         SessionIncompatible, TooManyTokens, BodyTooLarge, TooManySessions, StoreFull,
         Overloaded, NotReady, Unavailable, BackendUnsupported, InternalError,

@@ -27,6 +27,11 @@ LATENCY_BUCKETS_S = [
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
     1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
 ]
+# Extracting one PDF page's text takes about a millisecond; a hostile page, until the deadline.
+PDF_PAGE_BUCKETS_S = [
+    0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
+    1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
+]
 STATE_BYTES_BUCKETS = [float(1 << k) for k in range(10, 37, 2)]  # 1 KiB .. 64 GiB
 MEMORY_BYTES_BUCKETS = [float(1 << k) for k in range(24, 38)]  # 16 MiB .. 128 GiB
 
@@ -47,7 +52,15 @@ METRIC_NAMES = (
 #   model.step_many raised, re-run one document at a time to find the one at
 #   fault (each is also logged with the exception). A steady rate means a bug
 #   in the batched path or a client sending unreadable pages.
-EVENT_METRIC_NAMES = ("bsbr_batch_fallbacks_total",)
+#   bsbr_pdf_pages_total, bsbr_pdf_page_extract_seconds: PDF pages whose text
+#   the ingress extracted (docs/architecture.md 3.6), and each page's
+#   extraction time (load + text, in the worker process);
+#   bsbr_pdf_failures_total{reason}: PDF bodies that could not be read, by
+#   serve.pdf.FAILURE_REASONS (not_pdf, damaged, encrypted, too_many_pages,
+#   timeout, memory, crashed). Recorded by the ingress, without a model label.
+EVENT_METRIC_NAMES = (
+    "bsbr_batch_fallbacks_total", "bsbr_pdf_pages_total", "bsbr_pdf_page_extract_seconds", "bsbr_pdf_failures_total",
+)
 
 
 def page_bucket(page_index: int) -> str:
@@ -70,6 +83,9 @@ class EngineMetrics:
     def resume(self, source: str) -> None: ...
     def error(self, code: str, model: str | None = None) -> None: ...
     def batch_fallback(self) -> None: ...
+    def pdf_pages(self, n: int) -> None: ...
+    def pdf_page_latency(self, seconds: float) -> None: ...
+    def pdf_failure(self, reason: str) -> None: ...
 
 
 class RayServeMetrics(EngineMetrics):
@@ -109,6 +125,14 @@ class RayServeMetrics(EngineMetrics):
             description="batches whose step_many failed and were re-run one document at a time",
             tag_keys=("model",),
         )
+        self._pdf_pages = m.Counter("bsbr_pdf_pages_total", description="PDF pages whose text was extracted")
+        self._pdf_page = m.Histogram(
+            "bsbr_pdf_page_extract_seconds", description="text extraction time of one PDF page (load + text)",
+            boundaries=PDF_PAGE_BUCKETS_S,
+        )
+        self._pdf_failures = m.Counter(
+            "bsbr_pdf_failures_total", description="PDF bodies that could not be read, by reason", tag_keys=("reason",),
+        )
 
     def page(self, mode, seconds, page_index=1):
         self._page.observe(seconds, tags={"model": self.model, "mode": mode, "page_index": page_bucket(page_index)})
@@ -141,6 +165,16 @@ class RayServeMetrics(EngineMetrics):
 
     def batch_fallback(self):
         self._fallbacks.inc(tags={"model": self.model})
+
+    def pdf_pages(self, n):
+        if n:
+            self._pdf_pages.inc(n)
+
+    def pdf_page_latency(self, seconds):
+        self._pdf_page.observe(seconds)
+
+    def pdf_failure(self, reason):
+        self._pdf_failures.inc(tags={"reason": reason})
 
 
 class PeakMemory:
