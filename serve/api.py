@@ -1,7 +1,9 @@
 """HTTP API (docs/architecture.md 3): FastAPI routes behind `@serve.ingress`.
 
 The ingress knows nothing of tensors: it validates requests (schemas),
-enforces body limits, picks the model deployment (for a session: the model
+enforces body limits, turns PDF bodies into pages (serve.pdf: worker
+processes with a deadline and a memory limit per document, 3.6), picks the
+model deployment (for a session: the model
 that owns it, asked of the store once and cached), calls it through a
 Serve handle (with the session id, so `serve.router` sends it to the
 replica holding the session) and maps typed errors to statuses in one
@@ -41,23 +43,28 @@ from serve.errors import (
     SessionNotFound,
     Unavailable,
     UnknownModel,
+    UnsupportedMediaType,
     ValidationFailed,
     from_wire,
     is_wire_error,
 )
 from serve.metrics import EngineMetrics, RayServeMetrics
+from serve.pdf import PDF_MEDIA_TYPE, PdfExtractor, PdfLimits
 from serve.store import make_store
 
 logger = logging.getLogger("ray.serve")
 
 STREAM_ROUTE = "/v1/classify/stream"
 NDJSON = "application/x-ndjson"
+JSON = "application/json"
 
 DESCRIPTION = """\
 Classify long documents with BSBR (block sparse attention with block
 retrieval) and a standard-transformer baseline, in one request, page by page
 through a session whose state is carried between requests, or as one NDJSON
-stream. Errors: `{"error": {"code", "message"}}`; 429 and 503 carry Retry-After.
+stream. A document is JSON (text with form feeds, or a list of pages) or a
+PDF (`Content-Type: application/pdf`, one page per PDF page). Errors:
+`{"error": {"code", "message"}}`; 429 and 503 carry Retry-After.
 """
 
 
@@ -72,22 +79,35 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
             "default": {"model": schemas.ErrorResponse, "description": "Any other error"}}
 
 
+def _json_or_pdf(model: type[BaseModel], pdf_params: str) -> dict[str, Any]:
+    """`openapi_extra=` of a route whose body is `model` as JSON or a PDF (the
+    route reads the body itself, `_json_body`, so FastAPI declares none)."""
+    return {"requestBody": {"required": True, "content": {
+        JSON: {"schema": _ref(model)},
+        PDF_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary",
+                                    "description": f"a PDF, one page per PDF page; {pdf_params} in the query"}},
+    }}}
+
+
 class _Ingress(FastAPI):
-    """FastAPI whose OpenAPI document also holds the models of NDJSON bodies.
+    """FastAPI whose OpenAPI document also holds the models of the bodies routes read themselves.
 
-    FastAPI adds to `components.schemas` only the models of JSON bodies and
-    responses. The stream route names the models of its lines by `_ref`, and
-    they are added here, so that every $ref resolves inside the document."""
+    FastAPI adds to `components.schemas` only the models of the JSON bodies
+    it parses and of responses. The stream route names the models of its
+    NDJSON lines by `_ref`, the document routes (JSON or PDF) their JSON
+    models, and those are added here, so that every $ref resolves inside the
+    document."""
 
-    ndjson_models: tuple[tuple[type[BaseModel], JsonSchemaMode], ...] = (
+    body_models: tuple[tuple[type[BaseModel], JsonSchemaMode], ...] = (
         (schemas.StreamLine, "validation"), (schemas.SessionResult, "serialization"),
-        (schemas.ErrorResponse, "serialization"),
+        (schemas.ErrorResponse, "serialization"), (schemas.ClassifyRequest, "validation"),
+        (schemas.PagesRequest, "validation"),
     )
 
     def openapi(self) -> dict[str, Any]:
         if not self.openapi_schema:
             doc = super().openapi()
-            _, defs = models_json_schema(self.ndjson_models, ref_template=REF_TEMPLATE)
+            _, defs = models_json_schema(self.body_models, ref_template=REF_TEMPLATE)
             components = doc.setdefault("components", {}).setdefault("schemas", {})
             for name, schema in defs.get("$defs", {}).items():
                 components.setdefault(name, schema)
@@ -252,6 +272,53 @@ def _is_session_id(s: str) -> bool:
     return len(s) == 32 and all(c in "0123456789abcdef" for c in s)
 
 
+# --- document bodies: JSON or PDF ---------------------------------------------------------------
+
+
+def _body_type(request: Request) -> str:
+    """JSON or PDF_MEDIA_TYPE by Content-Type (none: JSON, as FastAPI reads a
+    body); any other type is 415."""
+    raw = request.headers.get("content-type") or JSON
+    media = raw.split(";", 1)[0].strip().lower()
+    if media == PDF_MEDIA_TYPE:
+        return PDF_MEDIA_TYPE
+    if media == JSON or (media.startswith("application/") and media.endswith("+json")):
+        return JSON
+    raise UnsupportedMediaType(f"Content-Type {media!r} is not read here: send {JSON} (the document as JSON) "
+                               f"or {PDF_MEDIA_TYPE} (a PDF, one page per PDF page)")
+
+
+async def _json_body(request: Request, model: type[BaseModel]) -> Any:
+    """The body validated as `model`, refused exactly as FastAPI refuses a JSON
+    body parameter (the handlers above turn these into the usual answers)."""
+    body = await request.body()
+    if not body:
+        raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}])
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError as e:
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": e.msg}}]) from None
+    except ValueError:  # not UTF-8 (or UTF-16/32)
+        raise InvalidEncoding("request body is not UTF-8 JSON") from None
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False)) from None
+
+
+def _for_pdf(value: Any, name: str) -> Any:
+    """A query parameter that a PDF body needs (a JSON body carries it inside)."""
+    if value is None:
+        raise ValidationFailed(f"query.{name}: required with a PDF body (?{name}=...)")
+    return value
+
+
+def _not_for_json(value: Any, name: str) -> None:
+    if value is not None:
+        raise ValidationFailed(f"query.{name}: only for PDF bodies; a JSON body gives `{name}` inside")
+
+
 def _parse_stream_line(line: bytes, limit: int) -> str:
     if len(line) > limit:
         raise BodyTooLarge(f"a stream line exceeds {limit} bytes")
@@ -283,11 +350,21 @@ class Api:
         except Exception:  # noqa: BLE001 - outside Ray (unit tests)
             self.metrics = EngineMetrics()
         configure_runtime(self.metrics, set(models), self.cfg.http.max_body_bytes)
+        h = self.cfg.http
+        # PDF bodies become pages here, in worker processes (started with the first PDF).
+        self.pdf = PdfExtractor(PdfLimits(max_pages=h.max_pdf_pages, timeout_s=h.pdf_timeout_s,
+                                          memory_bytes=h.pdf_memory_bytes, workers=h.pdf_workers,
+                                          max_queued=h.pdf_max_queued), metrics=self.metrics)
         s = self.cfg.sessions
         # Only to find which model owns a session; the model replicas own the sessions.
         self.store = make_store(s.store, s.store_name, s.max_sessions, s.max_store_bytes, s.results_retained)
         self._session_model: OrderedDict[str, str] = OrderedDict()
         self._info: dict[str, dict[str, Any]] = {}
+
+    def __del__(self):
+        pdf = getattr(self, "pdf", None)
+        if pdf is not None:
+            pdf.close()
 
     # --- calling the model deployments ----------------------------------------------
 
@@ -396,11 +473,25 @@ class Api:
             out.append(self._info[name])
         return {"models": out}
 
+    async def _pdf_pages(self, request: Request) -> list[str]:
+        """The text of each page of the PDF body (InvalidPdf, TooManyPdfPages, Overloaded)."""
+        return (await self.pdf.extract(await request.body())).pages
+
     @app.post("/v1/classify", response_model=schemas.ClassifyResponse, tags=["classify"],
-              responses=_errors(400, 404, 413, 422, 429, 503))
-    async def classify(self, body: schemas.ClassifyRequest, request: Request):
-        """Classify a whole document (text with form feeds, or pages) in one request."""
-        result = await self._call(body.model, "classify", body.text, body.pages, request=request)
+              responses=_errors(400, 404, 413, 415, 422, 429, 503),
+              openapi_extra=_json_or_pdf(schemas.ClassifyRequest, "`model`"))
+    async def classify(self, request: Request,
+                       model: str | None = Query(None, description="the model, with a PDF body (JSON names it inside)")):
+        """Classify a whole document in one request: JSON (text with form feeds, or
+        pages), or a PDF (`Content-Type: application/pdf`, `?model=`), one page per PDF page."""
+        if _body_type(request) == PDF_MEDIA_TYPE:
+            self._handle(_for_pdf(model, "model"), request)
+            pages = await self._pdf_pages(request)
+            result = await self._call(model, "classify", None, pages, request=request)
+        else:
+            _not_for_json(model, "model")
+            body = await _json_body(request, schemas.ClassifyRequest)
+            result = await self._call(body.model, "classify", body.text, body.pages, request=request)
         return self._with_replica(result, request)
 
     @app.post("/v1/sessions", status_code=201, response_model=schemas.SessionCreated, tags=["sessions"],
@@ -412,11 +503,23 @@ class Api:
         return self._with_replica(result, request, status=201)
 
     @app.post("/v1/sessions/{session_id}/pages", response_model=schemas.SessionResult, tags=["sessions"],
-              responses=_errors(400, 404, 409, 413, 422, 429, 503))
-    async def append_pages(self, session_id: str, body: schemas.PagesRequest, request: Request):
-        """Append the next page(s); the same seq again returns its stored answer; a gap is 409."""
-        model = await self._model_of(session_id, request)
-        result = await self._call(model, "append", session_id, body.seq, body.text, body.pages, "session",
+              responses=_errors(400, 404, 409, 413, 415, 422, 429, 503),
+              openapi_extra=_json_or_pdf(schemas.PagesRequest, "`seq`"))
+    async def append_pages(self, session_id: str, request: Request,
+                           seq: int | None = Query(None, ge=0, description="with a PDF body: the request's seq "
+                                                                           "(JSON gives it inside)")):
+        """Append the next page(s), JSON or a PDF (`?seq=`, one page per PDF page); the
+        same seq again returns its stored answer; a gap is 409."""
+        if _body_type(request) == PDF_MEDIA_TYPE:
+            seq = _for_pdf(seq, "seq")
+            model = await self._model_of(session_id, request)
+            text, pages = None, await self._pdf_pages(request)
+        else:
+            _not_for_json(seq, "seq")
+            body = await _json_body(request, schemas.PagesRequest)
+            model = await self._model_of(session_id, request)
+            seq, text, pages = body.seq, body.text, body.pages
+        result = await self._call(model, "append", session_id, seq, text, pages, "session",
                                   session_id=session_id, request=request)
         return self._with_replica(result, request)
 
@@ -443,7 +546,7 @@ class Api:
                                                                    _ref(schemas.ErrorResponse)]}}},
                          "description": "NDJSON, each line: the running result after a page, the last one "
                                         "with final: true, or an error that ends the stream"},
-                   **_errors(400, 404, 413, 422, 429, 503)},
+                   **_errors(400, 404, 413, 415, 422, 429, 503)},
         openapi_extra={"requestBody": {"required": True, "description": "NDJSON, each line: one page",
                                        "content": {NDJSON: {"schema": _ref(schemas.StreamLine)}}}},
     )
@@ -453,6 +556,9 @@ class Api:
         result with `"final": true`. An error after the first page ends the stream with
         one `{"error": ...}` line."""
         self._handle(model, request)
+        if (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower() == PDF_MEDIA_TYPE:
+            raise UnsupportedMediaType("the stream reads NDJSON pages; send a PDF to /v1/classify or to a "
+                                       "session's pages (bsbr-serve stream FILE.pdf does the latter, page by page)")
         lines = self._stream_pages(request)
         first = await anext(lines, None)
         if first is None:

@@ -109,6 +109,15 @@ class HttpConfig(_Strict):
     max_line_bytes: int = Field(default=4 << 20, ge=1, description="largest NDJSON line of /v1/classify/stream")
     ready_timeout_s: float = Field(default=5.0, gt=0)
     retry_s: float = Field(default=30.0, ge=0, description="how long a request is retried while replicas die/restart")
+    # PDF bodies (docs/architecture.md 3.6): their text is extracted in worker
+    # processes of the ingress, each document bounded by these.
+    max_pdf_pages: int = Field(default=5000, ge=1, description="most pages of a PDF body; beyond: 413 too_many_pages")
+    pdf_timeout_s: float = Field(default=60.0, gt=0,
+                                 description="deadline of one PDF's text extraction; beyond: 422 invalid_pdf")
+    pdf_memory_bytes: int = Field(default=1 << 30, ge=128 << 20,
+                                  description="memory limit (address space) of a PDF worker process")
+    pdf_workers: int = Field(default=2, ge=1, description="PDF worker processes per ingress replica")
+    pdf_max_queued: int = Field(default=16, ge=0, description="PDFs waiting for a worker; beyond: 429 overloaded")
 
 
 class IngressConfig(_Strict):

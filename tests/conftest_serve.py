@@ -22,6 +22,12 @@ STANDARD_MAX_TOKENS = 3000
 MAX_SESSIONS = 60
 MAX_BODY_BYTES = 1 << 20
 PAGE_TOKENS = 64
+# PDF bodies: glpk's 177-page manual fits, a 201-page PDF does not; the
+# deadline is long enough for a manual on a loaded machine and short enough
+# that the hostile PDF's test waits for it.
+MAX_PDF_PAGES = 200
+PDF_TIMEOUT_S = 8.0
+PDF_MEMORY_BYTES = 512 << 20
 
 _singletons: dict[str, object] = {}
 
@@ -57,7 +63,8 @@ def app_args(models: Path, store_name: str) -> dict:
              "max_tokens": STANDARD_MAX_TOKENS, "ray_actor_options": {"num_cpus": 0.25}},
         ],
         "sessions": {"ttl_s": 600, "max_sessions": MAX_SESSIONS, "store_name": store_name},
-        "http": {"max_body_bytes": MAX_BODY_BYTES, "retry_s": 60},
+        "http": {"max_body_bytes": MAX_BODY_BYTES, "retry_s": 60, "max_pdf_pages": MAX_PDF_PAGES,
+                 "pdf_timeout_s": PDF_TIMEOUT_S, "pdf_memory_bytes": PDF_MEMORY_BYTES, "pdf_workers": 1},
         "ingress": {"ray_actor_options": {"num_cpus": 0.25}},
     }
 
