@@ -2,9 +2,9 @@
 
     bsbr-serve up [--host 127.0.0.1] [--port 8000] [--models-dir DIR | --config FILE]
     bsbr-serve init-models --random [--dir models] [--size small]
-    bsbr-serve classify FILE [--model bsbr]
-    bsbr-serve stream FILE [--model bsbr]
-    bsbr-serve compare DIR [--models bsbr,standard] [--out DIR]
+    bsbr-serve classify FILE [--model bsbr]        FILE: text (form feeds separate pages) or a PDF
+    bsbr-serve stream FILE [--model bsbr]          a PDF goes up page by page, one session request each
+    bsbr-serve compare DIR [--models bsbr,standard] [--out DIR]   *.jsonl, text files, PDFs
     bsbr-serve data | tokenizer | train | evaluate ...   (bsbr_core's commands)
 
 Every command returns its exit code: 0 ok, 1 request failed, 2 usage or setup error
@@ -26,7 +26,7 @@ from typing import Any
 
 import httpx
 
-from serve.client import DEFAULT_URL, ApiError, Client, client_pages, read_document
+from serve.client import DEFAULT_URL, ApiError, Client, client_pages, read_input
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 DEFAULT_METRICS_PORT = 8080
@@ -267,21 +267,22 @@ def _request_failed(url: str, e: Exception) -> int:
     return EXIT_FAIL
 
 
-def _read_file(path: Path) -> str | None:
+def _read_file(path: Path) -> str | bytes | None:
+    """The document (a PDF's bytes, or text), or None after saying why not."""
     try:
-        return read_document(path)
+        return read_input(path)
     except OSError as e:
         _error(f"cannot read {path}: {e.strerror or e}")
         return None
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    text = _read_file(args.file)
-    if text is None:
+    doc = _read_file(args.file)
+    if doc is None:
         return EXIT_USAGE
     with Client(args.url) as c:
         try:
-            r = c.classify(args.model, text=text)
+            r = c.classify_pdf(args.model, doc) if isinstance(doc, bytes) else c.classify(args.model, text=doc)
         except REQUEST_ERRORS as e:
             return _request_failed(args.url, e)
     if args.json:
@@ -296,22 +297,28 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def cmd_stream(args: argparse.Namespace) -> int:
-    text = _read_file(args.file)
-    if text is None:
+    doc = _read_file(args.file)
+    if doc is None:
         return EXIT_USAGE
-    pages = client_pages(text, args.page_chars)
     with Client(args.url) as c:
         try:
+            if isinstance(doc, bytes):
+                results, total = _pdf_page_results(c, args.model, doc)
+            else:
+                pages = client_pages(doc, args.page_chars)
+                results, total = c.stream(args.model, pages), len(pages)
             last = None
-            for r in c.stream(args.model, pages):
+            for r in results:
                 if args.json:
                     print(json.dumps(r), flush=True)
                 elif r.get("final"):
                     last = r
                 else:
-                    ms = r["timing"]["page_ms"][0] if r["timing"]["page_ms"] else 0.0
-                    print(f"page {r['seq'] + 1:>4}/{len(pages)}  tokens {r['num_tokens']:>8}  "
-                          f"{r['label']:<20} {r['scores'][r['label']]:.3f}  {ms:8.2f} ms  "
+                    ms = r["timing"]["page_ms"][-1] if r["timing"]["page_ms"] else 0.0
+                    label = r["label"] or "-"
+                    score = r["scores"].get(label, 0.0)
+                    print(f"page {r['num_pages']:>4}/{total}  tokens {r['num_tokens']:>8}  "
+                          f"{label:<20} {score:.3f}  {ms:8.2f} ms  "
                           f"state {r['state_bytes'] / 1024:.1f} KiB", flush=True)
         except REQUEST_ERRORS as e:
             return _request_failed(args.url, e)
@@ -319,6 +326,34 @@ def cmd_stream(args: argparse.Namespace) -> int:
         print("final:")
         _print_result(last)
     return EXIT_OK
+
+
+def _pdf_page_results(c: Client, model: str, pdf: bytes):
+    """(results, page count) of a PDF sent page by page: a session, one request
+    (seq) per PDF page, each page cut out as a PDF of its own, then its final
+    result. A PDF that cannot be cut here goes up whole, in one request, and
+    the server says what it makes of it."""
+    from serve.pdf import split_pages
+
+    parts = split_pages(pdf) or [pdf]
+
+    def results():
+        sid = c.create_session(model)["session_id"]
+        done = False
+        try:
+            for seq, part in enumerate(parts):
+                yield c.append_pdf(sid, seq, part)
+            final = c.delete(sid)
+            done = True
+            yield final
+        finally:
+            if not done:
+                try:
+                    c.delete(sid)
+                except REQUEST_ERRORS:
+                    pass  # the session's TTL collects it
+
+    return results(), len(parts)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -367,8 +402,10 @@ def build_parser(library: bool = True) -> argparse.ArgumentParser:
     init.set_defaults(func=cmd_init_models)
 
     for name, func, helptext in (
-        ("classify", cmd_classify, "classify FILE in one request (form feeds separate pages)"),
-        ("stream", cmd_stream, "stream FILE page by page through /v1/classify/stream"),
+        ("classify", cmd_classify,
+         "classify FILE (text: form feeds separate pages; PDF: one page per PDF page) in one request"),
+        ("stream", cmd_stream,
+         "send FILE page by page: text through /v1/classify/stream, a PDF one page per session request"),
     ):
         c = sub.add_parser(name, help=helptext)
         c.add_argument("file", type=Path)
@@ -380,7 +417,7 @@ def build_parser(library: bool = True) -> argparse.ArgumentParser:
         c.set_defaults(func=func)
 
     cmp_ = sub.add_parser("compare", help="send the same documents to several models; table + JSON + PNG")
-    cmp_.add_argument("dir", type=Path, help="*.jsonl ({text, label}) or text files (DIR/<label>/<file>)")
+    cmp_.add_argument("dir", type=Path, help="*.jsonl ({text, label}), or text files and PDFs (DIR/<label>/<file>)")
     cmp_.add_argument("--models", default="bsbr,standard")
     cmp_.add_argument("--url", default=DEFAULT_URL)
     cmp_.add_argument("--split", default=None, help="read DIR/<split>.jsonl only (e.g. test)")

@@ -1,4 +1,7 @@
-"""A small HTTP client of the API (used by the CLI, the benchmarks and the tests)."""
+"""A small HTTP client of the API (used by the CLI, the benchmarks and the tests).
+
+Documents are text (form feeds separate pages) or PDFs, sent as they are
+(`Content-Type: application/pdf`; the server makes each PDF page a page)."""
 from __future__ import annotations
 
 import json
@@ -8,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from serve.pdf import PDF_MEDIA_TYPE, looks_like_pdf
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -57,6 +62,11 @@ class Client:
         body.update({"text": text} if pages is None else {"pages": pages})
         return self._json(self.http.post("/v1/classify", json=body))
 
+    def classify_pdf(self, model: str, pdf: bytes) -> dict[str, Any]:
+        """POST /v1/classify?model= with the PDF as the body: one page per PDF page."""
+        return self._json(self.http.post("/v1/classify", params={"model": model}, content=pdf,
+                                         headers={"content-type": PDF_MEDIA_TYPE}))
+
     def create_session(self, model: str) -> dict[str, Any]:
         return self._json(self.http.post("/v1/sessions", json={"model": model}))
 
@@ -64,6 +74,11 @@ class Client:
         body: dict[str, Any] = {"seq": seq}
         body.update({"text": text} if pages is None else {"pages": pages})
         return self._json(self.http.post(f"/v1/sessions/{session_id}/pages", json=body))
+
+    def append_pdf(self, session_id: str, seq: int, pdf: bytes) -> dict[str, Any]:
+        """POST /v1/sessions/{id}/pages?seq= with a PDF body: its pages are the next pages."""
+        return self._json(self.http.post(f"/v1/sessions/{session_id}/pages", params={"seq": seq}, content=pdf,
+                                         headers={"content-type": PDF_MEDIA_TYPE}))
 
     def session(self, session_id: str) -> dict[str, Any]:
         return self._json(self.http.get(f"/v1/sessions/{session_id}"))
@@ -91,9 +106,12 @@ class Client:
                     yield obj
 
 
-def read_document(path: str | Path) -> str:
-    """A text file (UTF-8; undecodable bytes become U+FFFD), form feeds kept."""
-    return Path(path).read_bytes().decode("utf-8", errors="replace")
+def read_input(path: str | Path) -> str | bytes:
+    """A document file as the client sends it: a PDF's bytes (by its header,
+    whatever the file's name), else its text (UTF-8; undecodable bytes become
+    U+FFFD; form feeds kept)."""
+    data = Path(path).read_bytes()
+    return data if looks_like_pdf(data) else data.decode("utf-8", errors="replace")
 
 
 def client_pages(text: str, page_chars: int = 4000) -> list[str]:

@@ -1,9 +1,10 @@
 """`bsbr-serve compare DIR`: the same documents through several models, side by side.
 
 Documents: `DIR/*.jsonl` lines `{"text", "label"?}` (e.g. a kernel-docs
-split), or text files under DIR (`DIR/<label>/<file>` gives the label).
-Each document is classified once per model (POST /v1/classify); the answer
-carries per-page latencies, peak memory and state bytes.
+split), or the text files and PDFs under DIR (`DIR/<label>/<file>` gives the
+label; a PDF is sent as it is, one page per PDF page). Each document is
+classified once per model (POST /v1/classify); the answer carries per-page
+latencies, peak memory and state bytes.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from serve.client import ApiError, Client, read_document
+from serve.client import ApiError, Client, read_input
 
 TEXT_SUFFIXES = {".txt", ".text", ".rst", ".md", ""}
+PDF_SUFFIXES = {".pdf"}
 
 
 def load_documents(root: str | Path, split: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
@@ -25,7 +27,8 @@ def load_documents(root: str | Path, split: str | None = None, limit: int | None
         files = [root]
     else:
         jsonl = sorted(root.glob(f"{split}.jsonl" if split else "*.jsonl"))
-        files = jsonl or sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files = jsonl or sorted(p for p in root.rglob("*")
+                                if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES | PDF_SUFFIXES)
     for f in files:
         if f.suffix == ".jsonl":
             with f.open(encoding="utf-8") as fh:
@@ -36,10 +39,12 @@ def load_documents(root: str | Path, split: str | None = None, limit: int | None
         else:
             rel = f.relative_to(root) if root.is_dir() else Path(f.name)
             label = rel.parts[0] if len(rel.parts) > 1 else None
-            docs.append({"id": str(rel), "text": read_document(f), "label": label})
+            doc = read_input(f)
+            key = "pdf" if isinstance(doc, bytes) else "text"
+            docs.append({"id": str(rel), key: doc, "label": label})
         if limit and len(docs) >= limit:
             break
-    docs = [d for d in docs if d["text"].strip()]
+    docs = [d for d in docs if "pdf" in d or d["text"].strip()]
     return docs[:limit] if limit else docs
 
 
@@ -59,7 +64,7 @@ def run_compare(url: str, docs: list[dict[str, Any]], models: list[str]) -> dict
             rows = []
             for d in docs:
                 try:
-                    r = c.classify(m, text=d["text"])
+                    r = c.classify_pdf(m, d["pdf"]) if "pdf" in d else c.classify(m, text=d["text"])
                     rows.append({"id": d["id"], "label": d["label"], "pred": r["label"], "num_tokens": r["num_tokens"],
                                  "num_pages": r["num_pages"], "per_page_ms": r["timing"]["per_page_ms"],
                                  "total_ms": r["timing"]["total_ms"], "state_bytes": r["state_bytes"],
@@ -127,7 +132,7 @@ def compare(url: str, root: str | Path, models: list[str], out: str | Path, spli
             limit: int | None = None) -> dict[str, Any]:
     docs = load_documents(root, split, limit)
     if not docs:
-        raise FileNotFoundError(f"no documents under {root} (*.jsonl, or text files)")
+        raise FileNotFoundError(f"no documents under {root} (*.jsonl, or text files and PDFs)")
     report = run_compare(url, docs, models)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
