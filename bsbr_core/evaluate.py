@@ -38,7 +38,8 @@ from safetensors.torch import load_file, save_file
 # (name, lo, hi): a document of n tokens falls in the bucket with lo <= n <= hi.
 LENGTH_BUCKETS = (
     ("<=512", 0, 512),
-    ("513-2048", 513, 2048),
+    ("513-1024", 513, 1024),
+    ("1025-2048", 1025, 2048),
     ("2049-8192", 2049, 8192),
     (">8192", 8193, None),
 )
@@ -365,6 +366,36 @@ def _epochs_done(training: dict) -> str:
     return f"stopped after {done} of {planned} planned epochs, so its learning rate never decayed to the floor"
 
 
+CARD_HISTORY = "card_history.json"
+
+
+def archive_model_version(model_dir: str | os.PathLike, note: str) -> dict:
+    """Before a model folder is overwritten by a new checkpoint: append the
+    current version's test figures and training summary to card_history.json,
+    which the model card lists under "Earlier versions"."""
+    model_dir = Path(model_dir)
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    training_file = model_dir / "training.json"
+    tr = json.loads(training_file.read_text()) if training_file.is_file() else {}
+    stages = [tr] if tr else []
+    while stages and (stages[0].get("init_from") or {}).get("training"):
+        stages.insert(0, stages[0]["init_from"]["training"])
+    entry = {
+        "note": note,
+        "weights_sha256": metrics["model"]["weights_sha256"],
+        "commands": [st.get("command") for st in stages],
+        "max_train_tokens": [st.get("train_config", {}).get("max_train_tokens") for st in stages],
+        "epochs": sum(st.get("epochs_run", 0) for st in stages),
+        "overall": metrics["overall"],
+        "buckets": metrics["buckets"],
+    }
+    path = model_dir / CARD_HISTORY
+    history = json.loads(path.read_text()) if path.is_file() else []
+    history.append(entry)
+    path.write_text(json.dumps(history, indent=2) + "\n")
+    return entry
+
+
 def write_model_card(model_dir: str | os.PathLike, eval_command: str | None = None,
                      eval_seconds: float | None = None) -> Path:
     """README.md of a model folder from its metrics.json and (when present)
@@ -462,6 +493,22 @@ def write_model_card(model_dir: str | os.PathLike, eval_command: str | None = No
         "Reproduce the numbers (writes the same `metrics.json`): `" + cmd + "`"
         + (f" ({eval_seconds:.0f} s on the training hardware)." if eval_seconds is not None else "."),
         "",
+    ]
+    history_file = model_dir / CARD_HISTORY
+    if history_file.is_file():
+        lines += ["## Earlier versions", "",
+                  "Test figures of the checkpoints this folder shipped before (newest last), same test split:", "",
+                  "| version | how it was trained | all | " + " | ".join(metrics["buckets"]) + " |",
+                  "|---|---|---|" + "---|" * len(metrics["buckets"])]
+
+        def acc_f1(m):
+            return "-" if m.get("accuracy") is None else f"{m['accuracy']:.3f} / {m['macro_f1']:.3f}"
+        for k, old in enumerate(json.loads(history_file.read_text()), 1):
+            lines.append(f"| {k} | {old['note']} ({old['epochs']} epochs, windows of {old['max_train_tokens']} "
+                         f"tokens) | {acc_f1(old['overall'])} | "
+                         + " | ".join(acc_f1(old["buckets"].get(b, {})) for b in metrics["buckets"]) + " |")
+        lines += ["", "(accuracy / macro-F1)", ""]
+    lines += [
         "## Limits",
         "",
         "- Small model trained for minutes on two shared CPU cores; the test split is small "

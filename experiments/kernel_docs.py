@@ -16,21 +16,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-# (name, lo, hi): lo <= tokens <= hi; finer than bsbr_core.evaluate's buckets at the short end.
-BUCKETS = (
-    ("<=512", 0, 512),
-    ("513-1024", 513, 1024),
-    ("1025-2048", 1025, 2048),
-    ("2049-8192", 2049, 8192),
-    (">8192", 8193, None),
-)
-
-
-def bucket_of(n: int) -> str:
-    for name, lo, hi in BUCKETS:
-        if n >= lo and (hi is None or n <= hi):
-            return name
-    raise AssertionError(n)
+from bsbr_core.evaluate import LENGTH_BUCKETS as BUCKETS
+from bsbr_core.evaluate import bucket_of
 
 
 def leak_pattern(labels: Sequence[str]) -> re.Pattern:

@@ -178,8 +178,8 @@ def test_classification_metrics_by_hand():
     assert m["accuracy"] == pytest.approx(3 / 5)
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 0.0) / 3)  # class 3 never occurs: not averaged
     assert m["confusion"][0] == [1, 1, 0, 0] and m["majority_rate"] == pytest.approx(2 / 5)
-    assert [bucket_of(n) for n in (0, 512, 513, 2048, 2049, 8192, 8193)] == [
-        "<=512", "<=512", "513-2048", "513-2048", "2049-8192", "2049-8192", ">8192"]
+    assert [bucket_of(n) for n in (0, 512, 513, 1024, 1025, 2048, 2049, 8192, 8193)] == [
+        "<=512", "<=512", "513-1024", "513-1024", "1025-2048", "1025-2048", "2049-8192", "2049-8192", ">8192"]
     batches = length_batches([5, 100, 7, 3000, 6], batch_tokens=64)
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4] and [3] in batches
 
