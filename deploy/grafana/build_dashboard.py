@@ -180,6 +180,33 @@ PANELS: list[Row | Panel] = [
         unit="bytes",
         width=8,
     ),
+    Row("PDF documents"),
+    Panel(
+        "PDF pages extracted / s",
+        "PDF pages whose text the ingress extracted (docs/architecture.md 3.6), all ingress replicas together.",
+        [Target("sum(rate(ray_bsbr_pdf_pages_total[$__rate_interval]))", "pages")],
+        unit="short",
+        width=8,
+    ),
+    Panel(
+        "PDF page extraction p50 / p95",
+        "Time to load one PDF page and extract its text in a worker process (about a millisecond).",
+        [
+            Target(quantile(0.5, "ray_bsbr_pdf_page_extract_seconds", "", by=""), "p50"),
+            Target(quantile(0.95, "ray_bsbr_pdf_page_extract_seconds", "", by=""), "p95"),
+        ],
+        unit="s",
+        width=8,
+    ),
+    Panel(
+        "PDF failures / s by reason",
+        "PDF bodies that could not be read: not_pdf, damaged, encrypted, too_many_pages, and the hostile "
+        "ones stopped by the deadline (timeout) or the memory limit (memory, crashed).",
+        [Target("sum by (reason) (rate(ray_bsbr_pdf_failures_total[$__rate_interval]))", "{{reason}}")],
+        unit="short",
+        stack=True,
+        width=8,
+    ),
     Row("Errors and replicas"),
     Panel(
         "Errors / s by code",
