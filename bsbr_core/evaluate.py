@@ -458,7 +458,8 @@ def write_model_card(model_dir: str | os.PathLike, eval_command: str | None = No
             f"{tc['grad_clip']}, batches of at most {tc['batch_tokens']} padded tokens (length-bucketed), class-weighted "
             f"cross-entropy (weight (n_max/n_c)^{tc['balance_power']}), dropout {tr['model_config']['dropout']}, "
             f"seed {tc['seed']}.",
-            f"- Each training step reads a window of at most {tc['max_train_tokens']} tokens of a document "
+            f"- Each training step reads a window of at most "
+            f"{min(tc['max_train_tokens'], tr['model_config']['max_length'] or tc['max_train_tokens'])} tokens of a document "
             + ("(its first tokens)." if tr["model_config"]["max_length"] or tc["crop"] == "head"
                else "starting at a random chunk boundary (another window every epoch)."),
             f"- Shipped weights: the end of epoch {tr['best']['epoch']} of the last stage, its best validation accuracy"
