@@ -6,8 +6,13 @@ Each mechanism subclasses `Attention` and implements
   given the state carried from earlier pieces. One-shot inference is this
   with state=None over the whole sequence; streaming is the same over each
   piece, so both run the same code.
-- `naive(q, k, v, x, mask)`: an obviously-correct, slow reference over a
-  whole sequence, used only by tests.
+- `naive(q, k, v, x, mask, state=None, pos0=0)`: an obviously-correct, slow
+  loop over the same piece entered with the same carried state, used only by
+  tests. It returns (outputs, final state): the state in `attend`'s layout
+  (the same keys; append-log entries as `AppendLog`s), as `attend` returns it
+  with commit=True. Mechanisms whose math depends on absolute positions
+  (standard, sliding_window, bsbr) check that the state is that of the pos0
+  tokens before the piece.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 
 from bsbr_core.config import ModelConfig
 from bsbr_core.rope import apply_rope, rope_cos_sin
+from bsbr_core.state import AppendLog
 
 
 def pad_len(n: int, block: int) -> int:
@@ -45,6 +51,11 @@ def nonempty_keys(key_ok: torch.Tensor) -> torch.Tensor:
     """Where a query would see no key at all (a block that is all padding),
     let it see every key: its output is discarded, and this avoids NaN."""
     return key_ok | ~key_ok.any(dim=-1, keepdim=True)
+
+
+def carried(value) -> torch.Tensor | None:
+    """A carried state entry as a tensor: an AppendLog's entries, or the tensor itself."""
+    return value.view if isinstance(value, AppendLog) else value
 
 
 class Attention(nn.Module):
@@ -79,9 +90,8 @@ class Attention(nn.Module):
             return x.new_zeros(b, 0, H * d), state
         q, k, v = self._heads(self.qkv(x), pos0)
         if impl == "naive":
-            if state is not None or pos0 != 0:
-                raise ValueError("the naive reference runs over a whole sequence only")
-            o, new_state = self.naive(q, k, v, x, mask), None
+            o, new_state = self.naive(q, k, v, x, mask, state, pos0)
+            new_state = new_state if commit else state
         elif impl == "fast":
             o, new_state = self.attend(q, k, v, x, pos0, mask, state, commit)
         else:
@@ -108,7 +118,7 @@ class Attention(nn.Module):
     def attend(self, q, k, v, x, pos0, mask, state, commit):  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def naive(self, q, k, v, x, mask):  # pragma: no cover - abstract
+    def naive(self, q, k, v, x, mask, state=None, pos0=0):  # pragma: no cover - abstract
         raise NotImplementedError
 
     def sdpa(self, q, k, v, attn_mask=None):

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn as nn
 
-from bsbr_core.attention.base import Attention, nonempty_keys, pad_len, pad_seq, valid_mask
+from bsbr_core.attention.base import Attention, carried, nonempty_keys, pad_len, pad_seq, valid_mask
 from bsbr_core.state import AppendLog
 
 
@@ -129,21 +129,39 @@ class BSBRAttentionCore(Attention):
 
     # --- naive reference -------------------------------------------------------
 
-    def naive(self, q, k, v, x, mask):
+    def naive(self, q, k, v, x, mask, state=None, pos0=0):
+        """Chunk by chunk, token by token. The carried F_j, h_j are the chunks
+        before pos0 (so there are pos0 / B of them), and r_last is the meta
+        query of the last of them (causal). The piece's chunks start at pos0;
+        the last may be partial. Returns the outputs and F, h (and r_last)
+        over every chunk so far, as `attend` commits them."""
         b, H, n, d = q.shape
         B = self.chunk_size
+        Fh = carried(state["F"]) if state is not None else None
+        hh = carried(state["h"]) if state is not None else None
+        Cp = 0 if hh is None else hh.shape[2]
+        if pos0 != Cp * B:
+            raise ValueError(f"{Cp} carried chunks of {B} tokens cannot precede position {pos0}")
         real = valid_mask(mask, b, n, q.device)
         out = torch.zeros_like(q)
+        Fb, hb, rb = [], [], []  # per batch row: final F, h, r_last
         for bi in range(b):
             starts = list(range(0, n, B))
-            Fs, hs, rs = [], [], []
-            for c, s in enumerate(starts):
+            # History: every chunk j < Cp by its F_j (H, dk, dv) and h_j (H, d).
+            Fs = [Fh[bi, :, j] for j in range(Cp)]
+            hs = [hh[bi, :, j] for j in range(Cp)]
+            r_prev = q.new_zeros(H, d)  # meta query of the chunk before (causal)
+            if self.causal and state is not None and "r_last" in state:
+                r_prev = state["r_last"][bi, :, 0]
+            r_used = []
+            for s in starts:
                 e = min(s + B, n)
                 idx = [t for t in range(s, e) if real[bi, t]]
                 xbar = x[bi, idx].mean(0) if idx else x.new_zeros(x.shape[-1])
                 hc, rc = self._meta(xbar.view(1, 1, -1))
                 hs.append(hc[0, :, 0])  # (H, d)
-                rs.append(rc[0, :, 0])
+                r_used.append(r_prev if self.causal else rc[0, :, 0])
+                r_prev = rc[0, :, 0]
                 F_c = []
                 for h in range(H):
                     kk = self._compress(k[bi : bi + 1, h : h + 1, idx], self.proj_k[h : h + 1] if self.compressed else None)[0, 0]
@@ -153,7 +171,8 @@ class BSBRAttentionCore(Attention):
                         acc = acc + torch.outer(kk[j], vv[j])
                     F_c.append(acc / max(len(idx), 1))
                 Fs.append(torch.stack(F_c))  # (H, dk, dv)
-            for c, s in enumerate(starts):
+            for ci, s in enumerate(starts):
+                c = Cp + ci  # the chunk's index in the document
                 e = min(s + B, n)
                 for h in range(H):
                     for t in range(s, e):
@@ -161,7 +180,7 @@ class BSBRAttentionCore(Attention):
                         sc = torch.stack([q[bi, h, t] @ k[bi, h, u] for u in keys]) * self.scale
                         loc = (torch.softmax(sc, 0)[:, None] * v[bi, h, keys]).sum(0)
                         if c > 0:
-                            r = rs[c - 1][h] if self.causal else rs[c][h]
+                            r = r_used[ci][h]
                             a = torch.softmax(torch.stack([r @ hs[j][h] for j in range(c)]) * self.scale, 0)
                             S = sum(a[j] * Fs[j][h] for j in range(c))
                             qt = q[bi, h, t] if not self.compressed else q[bi, h, t] @ self.proj_k[h]
@@ -170,4 +189,10 @@ class BSBRAttentionCore(Attention):
                                 ret = ret @ self.unproj_v[h]
                             loc = loc + self.gate[h] * ret
                         out[bi, h, t] = loc
-        return out
+            Fb.append(torch.stack(Fs, 1) if Fs else q.new_zeros(H, 0, self.dk, self.dv))
+            hb.append(torch.stack(hs, 1) if hs else q.new_zeros(H, 0, d))
+            rb.append(r_prev[:, None])
+        new_state = {"F": AppendLog.from_tensor(torch.stack(Fb), 2), "h": AppendLog.from_tensor(torch.stack(hb), 2)}
+        if self.causal:
+            new_state["r_last"] = torch.stack(rb)
+        return out, new_state

@@ -57,14 +57,15 @@ class DeltaNetAttention(Attention):
         o = torch.stack(outs, 2).view(b, H, C * B, d)[:, :, :n] if outs else q.new_zeros(b, H, 0, d)
         return o, ({"S": S} if commit else state)
 
-    def naive(self, q, k, v, x, mask):
+    def naive(self, q, k, v, x, mask, state=None, pos0=0):
+        """The delta rule token by token from the carried S (pos0 does not enter)."""
         b, H, n, d = q.shape
         q, k, beta = self._inputs(q, k, x, mask)
-        S = q.new_zeros(b, H, d, d)
+        S = state["S"] if state is not None else q.new_zeros(b, H, d, d)
         eye = torch.eye(d, dtype=q.dtype, device=q.device)
         out = torch.zeros_like(q)
         for t in range(n):
             kt, vt, bt = k[:, :, t], v[:, :, t], beta[:, :, t, None, None]
             S = (eye - bt * kt[..., :, None] * kt[..., None, :]) @ S + bt * kt[..., :, None] * vt[..., None, :]
             out[:, :, t] = (q[:, :, t, None, :] @ S)[:, :, 0]
-        return out
+        return out, {"S": S}

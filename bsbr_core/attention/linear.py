@@ -47,13 +47,14 @@ class LinearAttention(Attention):
             return o, state
         return o, {"S": S0 + kv.sum(2), "z": z0 + ksum.sum(2)}
 
-    def naive(self, q, k, v, x, mask):
+    def naive(self, q, k, v, x, mask, state=None, pos0=0):
+        """The recurrence token by token from the carried S, z (pos0 does not enter)."""
         b, H, n, d = q.shape
         real = valid_mask(mask, b, n, q.device)
         fq, fk = feature_map(q), feature_map(k)
         out = torch.zeros_like(q)
-        S = q.new_zeros(b, H, d, d)
-        z = q.new_zeros(b, H, d)
+        S = state["S"] if state is not None else q.new_zeros(b, H, d, d)
+        z = state["z"] if state is not None else q.new_zeros(b, H, d)
         for t in range(n):
             on = real[:, t].to(q.dtype)[:, None, None]
             S = S + on[..., None] * torch.einsum("bhi,bhj->bhij", fk[:, :, t], v[:, :, t])
@@ -61,4 +62,4 @@ class LinearAttention(Attention):
             num = torch.einsum("bhi,bhij->bhj", fq[:, :, t], S)
             den = (fq[:, :, t] * z).sum(-1, keepdim=True)
             out[:, :, t] = num / (den + EPS)
-        return out
+        return out, {"S": S, "z": z}

@@ -55,12 +55,31 @@ class SlidingWindowAttention(Attention):
         return o, {"K": torch.cat([Kst, k[:, :, -w:]], 2)[:, :, -keep:],
                    "V": torch.cat([Vst, v[:, :, -w:]], 2)[:, :, -keep:]}
 
-    def naive(self, q, k, v, x, mask):
+    def naive(self, q, k, v, x, mask, state=None, pos0=0):
+        """Each query at absolute position t against the real keys at
+        t-w .. t: the carried ones (positions pos0-P .. pos0-1) and the
+        piece's. A query with no real key to see (padding: its output is
+        discarded) sees all the keys in its window. The final state is the
+        last w keys received, padding included, as `attend` keeps them."""
         b, H, n, d = q.shape
-        t = torch.arange(n, device=q.device)
-        allowed = (t[None, :] <= t[:, None]) & (t[None, :] >= t[:, None] - self.window)
-        real = valid_mask(mask, b, n, q.device)
-        m = allowed[None] & real[:, None, :]
-        m = m | ~m.any(-1, keepdim=True)
-        scores = (q @ k.transpose(-1, -2)) * self.scale
-        return torch.softmax(scores.masked_fill(~m[:, None], float("-inf")), -1) @ v
+        w = self.window
+        K0 = state["K"] if state is not None else q.new_zeros(b, H, 0, d)
+        V0 = state["V"] if state is not None else q.new_zeros(b, H, 0, d)
+        P = K0.shape[2]
+        if P != min(w, pos0):
+            raise ValueError(f"{P} carried keys cannot be the window before position {pos0}")
+        K, V = torch.cat([K0, k], 2), torch.cat([V0, v], 2)
+        key_pos = torch.arange(pos0 - P, pos0 + n, device=q.device)
+        key_real = torch.cat([torch.ones(b, P, dtype=torch.bool, device=q.device),
+                              valid_mask(mask, b, n, q.device)], dim=1)  # (b, P + n)
+        out = torch.zeros_like(q)
+        for i in range(n):
+            t = pos0 + i
+            allowed = ((key_pos >= t - w) & (key_pos <= t))[None, :]
+            sees = allowed & key_real
+            sees = torch.where(sees.any(-1, keepdim=True), sees, allowed)
+            scores = (K @ q[:, :, i, :, None])[..., 0] * self.scale  # (b, H, P + n)
+            p = torch.softmax(scores.masked_fill(~sees[:, None], float("-inf")), -1)
+            out[:, :, i] = (p[..., None] * V).sum(2)
+        keep = min(w, P + n)
+        return out, {"K": K[:, :, P + n - keep:], "V": V[:, :, P + n - keep:]}

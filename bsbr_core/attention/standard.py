@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from bsbr_core.attention.base import Attention, nonempty_keys, valid_mask
+from bsbr_core.attention.base import Attention, carried, nonempty_keys, valid_mask
 from bsbr_core.state import AppendLog
 
 
@@ -38,14 +38,31 @@ class StandardAttention(Attention):
         o = torch.cat(outs, dim=2) if outs else q.new_zeros(b, H, 0, d)
         return o, ({"K": K_log, "V": V_log} if commit else state)
 
-    def naive(self, q, k, v, x, mask):
+    def naive(self, q, k, v, x, mask, state=None, pos0=0):
+        """Each query at absolute position t against every key at u with
+        u // B <= t // B: the cached ones (positions 0 .. pos0-1) and the
+        piece's real ones. A query with no real key to see (padding: its
+        output is discarded) sees all its allowed keys."""
         b, H, n, d = q.shape
         B = self.chunk_size
-        chunk = torch.arange(n, device=q.device) // B
-        allowed = chunk[None, :] <= chunk[:, None]  # (n, n): key chunk <= query chunk
-        real = valid_mask(mask, b, n, q.device)
-        m = allowed[None] & real[:, None, :]
-        m = m | ~m.any(-1, keepdim=True)
-        scores = (q @ k.transpose(-1, -2)) * self.scale
-        scores = scores.masked_fill(~m[:, None], float("-inf"))
-        return torch.softmax(scores, -1) @ v
+        K0 = carried(state["K"]) if state is not None else None
+        V0 = carried(state["V"]) if state is not None else None
+        K0 = K0 if K0 is not None else q.new_zeros(b, H, 0, d)
+        V0 = V0 if V0 is not None else q.new_zeros(b, H, 0, d)
+        T0 = K0.shape[2]
+        if T0 != pos0:
+            raise ValueError(f"a KV cache of {T0} tokens cannot precede position {pos0}")
+        K, V = torch.cat([K0, k], 2), torch.cat([V0, v], 2)
+        key_pos = torch.arange(T0 + n, device=q.device)
+        key_real = torch.cat([torch.ones(b, T0, dtype=torch.bool, device=q.device),
+                              valid_mask(mask, b, n, q.device)], dim=1)  # (b, T0 + n)
+        out = torch.zeros_like(q)
+        for i in range(n):
+            t = pos0 + i
+            allowed = (key_pos // B <= t // B)[None, :]  # (1, T0 + n)
+            sees = allowed & key_real
+            sees = torch.where(sees.any(-1, keepdim=True), sees, allowed)  # (b, T0 + n)
+            scores = (K @ q[:, :, i, :, None])[..., 0] * self.scale  # (b, H, T0 + n)
+            p = torch.softmax(scores.masked_fill(~sees[:, None], float("-inf")), -1)
+            out[:, :, i] = (p[..., None] * V).sum(2)
+        return out, {"K": AppendLog.from_tensor(K, 2), "V": AppendLog.from_tensor(V, 2)}
