@@ -66,12 +66,6 @@ def test_awkward_sizes(overrides):
     assert torch.allclose(fast, naive, atol=1e-5, rtol=1e-4)
 
 
-def test_naive_refuses_carried_state():
-    attn, cfg = _attention(arch="bsbr")
-    with pytest.raises(ValueError):
-        attn(torch.zeros(1, 4, cfg.hidden_dim), 8, None, None, False, "naive")
-
-
 def test_rope_is_exact_at_large_positions():
     # Positions near 10^7: angles computed in float64 keep relative rotations exact.
     d = 16
