@@ -146,6 +146,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"note: metrics port {metrics_port} is taken; Ray picks a free one (printed below)", file=sys.stderr)
         metrics_port = 0
     print(f"starting Ray (num_cpus={num_cpus}) and models: {', '.join(m.name for m in cfg.models)}", flush=True)
+    _patient_proxy_start()
     ray.init(
         address="local", num_cpus=num_cpus, include_dashboard=False,
         _metrics_export_port=metrics_port or None, logging_level="warning",
@@ -206,6 +207,17 @@ def _bind_error(host: str, port: int) -> OSError | None:
         except OSError as e:
             return e
     return None
+
+
+# Serve's controller gives the HTTP proxy 5 s to report ready, three times, then
+# kills it; on a busy machine (2 cores under load) a proxy can take longer to
+# start, and the server then never answers. Wait longer unless the user says.
+PROXY_READY_CHECK_TIMEOUT_S = "60"
+
+
+def _patient_proxy_start() -> None:
+    """Set before ray.init: Ray's processes inherit the environment."""
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_TIMEOUT_S)
 
 
 def _port_free(host: str, port: int) -> bool:

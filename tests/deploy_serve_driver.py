@@ -57,6 +57,9 @@ def main() -> int:
     # metrics agent included, so gauges age out after 2 intervals as they do
     # in production.
     os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    from serve.cli import _patient_proxy_start
+
+    _patient_proxy_start()
     # Otherwise the same local Ray as the serve tests (tests/conftest_serve.py).
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, namespace="serve",

@@ -56,11 +56,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
-    """(status, JSON body); a non-JSON body (Serve's proxy before the app is
-    deployed answers plain text) comes back as {"text": ...}."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+def http(method: str, url: str, body: dict | bytes | None = None, timeout: float = 60,
+         content_type: str = "application/json") -> tuple[int, dict]:
+    """(status, JSON body); a dict body is sent as JSON, bytes as they are. A
+    non-JSON answer (Serve's proxy before the app is deployed answers plain
+    text) comes back as {"text": ...}."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": content_type})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             status, raw = r.status, r.read()
@@ -178,7 +180,15 @@ def test_serve_runs_the_profiles_deployment_options(cpu_profile):
 
 def send_traffic(base: str) -> None:
     """Every route once per model, so that every metric has a series: one-shot
-    pages, session pages (hot resumes), a stream, and a client error."""
+    pages, session pages (hot resumes), a stream, a PDF and a broken one, and a
+    client error."""
+    from pdf_helpers import text_pdf
+
+    pdf = text_pdf(["a first PDF page about the kernel", "", "a third page on block devices"])
+    status, out = http("POST", base + "/v1/classify?model=bsbr", pdf, content_type="application/pdf")
+    assert status == 200 and out["num_pages"] == 3, out
+    status, err = http("POST", base + "/v1/classify?model=bsbr", b"not a pdf at all", content_type="application/pdf")
+    assert status == 422 and err["error"]["code"] == "invalid_pdf", err
     text = "\f".join(f"page {i} kernel driver memory block device socket" for i in range(6))
     for model in ("bsbr", "standard"):
         status, _ = http("POST", base + "/v1/classify", {"model": model, "text": text})

@@ -21,7 +21,7 @@ def test_killing_the_replica_holding_a_session_loses_nothing(client, serve_clust
     labels = sorted(whole["logits"])
 
     sid = client.post("/v1/sessions", json={"model": "bsbr"}).json()["session_id"]
-    before, after, answers = set(), set(), {}
+    before, answers = set(), {}
     for i in range(15):
         r = client.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [pages[i]]})
         assert r.status_code == 200, r.text
@@ -31,6 +31,17 @@ def test_killing_the_replica_holding_a_session_loses_nothing(client, serve_clust
     holder = before.pop()
 
     ray.kill(ray.get_actor(holder, namespace="serve"), no_restart=True)
+    try:
+        _go_on_after_the_kill(client, sid, pages, whole, labels, holder, answers)
+    finally:
+        # The cluster is shared by the whole test session: leave it as it was
+        # (both bsbr replicas running and routed to), or the next tests see the
+        # replacement join mid-test and session pages move between replicas.
+        _wait_for_both_bsbr_replicas(client, serve_cluster["app_name"])
+
+
+def _go_on_after_the_kill(client, sid, pages, whole, labels, holder, answers):
+    after = set()
 
     # The next pages go out at once: the ingress retries while Serve notices the
     # dead replica, then another replica resumes the session from the store.
@@ -49,3 +60,31 @@ def test_killing_the_replica_holding_a_session_loses_nothing(client, serve_clust
     assert final["num_pages"] == 30 and final["num_tokens"] == whole["num_tokens"]  # nothing lost or doubled
     assert [answers[i]["num_pages"] for i in range(30)] == list(range(1, 31))
     assert (vec(labels, final["logits"]) - vec(labels, whole["logits"])).abs().max() <= 1e-4
+
+
+def _wait_for_both_bsbr_replicas(client, app_name: str, timeout_s: float = 180.0) -> None:
+    """Until Serve reports 2 RUNNING bsbr replicas and new sessions reach both."""
+    import time
+
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        dep = serve.status().applications[app_name].deployments["bsbr"]
+        if dep.replica_states.get("RUNNING", 0) == 2 and len(dep.replica_states) == 1:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError(f"bsbr never got back to 2 running replicas: {dep.replica_states}")
+    while time.time() < deadline:
+        seen = set()
+        for _ in range(8):
+            sid = client.post("/v1/sessions", json={"model": "bsbr"}).json()["session_id"]
+            r = client.post(f"/v1/sessions/{sid}/pages", json={"seq": 0, "text": "probe"})
+            assert r.status_code == 200, r.text
+            seen.add(r.headers["x-bsbr-replica"])
+            client.delete(f"/v1/sessions/{sid}")
+        if len(seen) == 2:
+            return
+        time.sleep(0.5)
+    raise AssertionError("new sessions never reached both bsbr replicas after the failover")
