@@ -34,10 +34,6 @@ class MeanPool(nn.Module):
         super().__init__()
         self.hidden_dim = hidden_dim
 
-    @property
-    def width(self) -> int:
-        return self.hidden_dim
-
     def empty(self, b: int, device) -> torch.Tensor:
         return torch.zeros(b, self.hidden_dim, device=device)
 
@@ -62,10 +58,6 @@ class AttentionPool(MeanPool):
     def __init__(self, hidden_dim: int):
         super().__init__(hidden_dim)
         self.score = nn.Linear(hidden_dim, 1)
-
-    @property
-    def width(self) -> int:
-        return self.hidden_dim + 1
 
     def empty(self, b: int, device) -> torch.Tensor:
         acc = torch.zeros(b, self.hidden_dim + 1, device=device)
@@ -96,10 +88,6 @@ class AttentionPool(MeanPool):
 
 class LastPool(MeanPool):
     """The last real token; accumulator (b, D + 1) = [h_last, 1 if any token else 0]."""
-
-    @property
-    def width(self) -> int:
-        return self.hidden_dim + 1
 
     def empty(self, b: int, device) -> torch.Tensor:
         return torch.zeros(b, self.hidden_dim + 1, device=device)

@@ -23,6 +23,7 @@ names of these ids ships with the checkpoints, so `load_model` loads them.
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,8 +130,6 @@ def log_uniform_distances(lo: int, hi: int, count: int, seed: int) -> list[int]:
     """count distances drawn log-uniformly from [lo, hi] (a curriculum mix:
     short ones, cheap and easy, are as frequent per octave as long ones)."""
     rng = random.Random(f"distances/{lo}/{hi}/{seed}")
-    import math
-
     return [int(round(math.exp(rng.uniform(math.log(lo), math.log(hi))))) for _ in range(count)]
 
 
