@@ -97,8 +97,26 @@ def bucket_table(y: Sequence[int], p: Sequence[int], lengths: Sequence[int], n_b
     return out
 
 
+def _training_info(model_dir: Path, model) -> dict:
+    """What the report says of how a model was trained (read fresh each time:
+    a run still training has a longer history on the next report)."""
+    info = {"path": str(model_dir), "arch": model.config.arch, "max_length": model.config.max_length,
+            "parameters": sum(p.numel() for p in model.parameters())}
+    training = model_dir / "training.json"
+    if not training.is_file() and (model_dir.parent / "checkpoint" / "trainer.json").is_file():
+        training = model_dir.parent / "checkpoint" / "trainer.json"
+    if training.is_file():
+        t = json.loads(training.read_text())
+        tc = t.get("train_config", {})
+        info.update(command=t.get("command"), history=t.get("history"),
+                    wall_time_s=t.get("wall_time_s", t.get("elapsed_s")), best=t.get("best"),
+                    max_train_tokens=tc.get("max_train_tokens"), epochs_planned=tc.get("epochs"))
+    return info
+
+
 def _predict(model_dir: Path, texts: list[str], cache: Path, variant: str, device: str) -> tuple[list[int], list[int], dict]:
-    """(predicted label indices, token lengths, model info) of whole documents, cached."""
+    """(predicted label indices, token lengths, model info) of whole documents;
+    predictions are cached by the weights' digest."""
     import torch
 
     from bsbr_core import load_model
@@ -108,25 +126,16 @@ def _predict(model_dir: Path, texts: list[str], cache: Path, variant: str, devic
 
     model, tok = load_model(model_dir, device=device)
     digest = weights_digest(model.state_dict())[:16]
+    info = {**_training_info(model_dir, model), "weights": digest}
     f = cache / f"{model_dir.name}-{model.config.arch}-{digest}-{variant}.json"
     if f.is_file():
         d = json.loads(f.read_text())
-        return d["pred"], d["lengths"], d["info"]
+        return d["pred"], d["lengths"], info
     ids = [torch.tensor(e, dtype=torch.int64) for e in encode_many(tok, texts)]
     pred = predict_logits(model, ids, device=device).argmax(-1).tolist()
-    training = model_dir / "training.json"
-    if not training.is_file() and (model_dir.parent / "checkpoint" / "trainer.json").is_file():
-        training = model_dir.parent / "checkpoint" / "trainer.json"
-    info = {"path": str(model_dir), "weights": digest, "arch": model.config.arch,
-            "max_length": model.config.max_length, "parameters": sum(p.numel() for p in model.parameters())}
-    if training.is_file():
-        t = json.loads(training.read_text())
-        info.update(command=t.get("command"), history=t.get("history"),
-                    wall_time_s=t.get("wall_time_s", t.get("elapsed_s")), best=t.get("best"),
-                    max_train_tokens=t.get("train_config", {}).get("max_train_tokens"))
     lengths = [len(x) for x in ids]
     cache.mkdir(parents=True, exist_ok=True)
-    f.write_text(json.dumps({"pred": pred, "lengths": lengths, "info": info}))
+    f.write_text(json.dumps({"pred": pred, "lengths": lengths}))
     return pred, lengths, info
 
 

@@ -438,6 +438,10 @@ def _report_kernel_docs(kd: dict) -> str:
             lines.append(f"| {name} | not trained (no model at `{m['missing']}`) |")
             continue
         docs_row = docs_row or m["buckets"]
+        info = m.get("info", {})
+        done, planned = len(info.get("history") or []), info.get("epochs_planned")
+        if planned and done < planned:
+            name = f"{name} (partial: {done} of {planned} epochs)"
         lines.append(f"| {name} | " + " | ".join(_fmt_ci(m["buckets"][b], "accuracy") for b in buckets)
                      + f" | {_fmt_ci(m['masked'], 'accuracy')} | {_fmt_ci(m['masked_over_2048'], 'accuracy')} |")
     if docs_row:
