@@ -20,17 +20,18 @@ $(VENV)/.installed: pyproject.toml
 	# Without a GPU take the CPU build of torch this machine holds, before
 	# anything can pull a multi-GB CUDA build through the torch range.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; fi
-	$(PIP) install -q -e '.[$(ORT),test]'
+	$(PIP) install -q -e '.[$(ORT),test,redis,experiments]'
 	touch $@
 
 # Debian tools the integration tests run for real: Prometheus + promtool
 # (package prometheus), curl (the README's examples) and poppler's pdfinfo +
 # pdftotext (poppler-utils: the PDF tests check page counts and text against
-# them). Without them those
+# them), redis-server (package redis-server: the Redis session store's tests
+# start one on 127.0.0.1). Without them those
 # tests skip, with a warning here; under CI=true a missing tool fails this
 # step, and the tests that need it fail rather than skip.
-TEST_TOOLS := prometheus promtool curl pdfinfo pdftotext
-TEST_PACKAGES := prometheus curl poppler-utils
+TEST_TOOLS := prometheus promtool curl pdfinfo pdftotext redis-server
+TEST_PACKAGES := prometheus curl poppler-utils redis-server
 install-test-tools:
 	@missing() { for t in $(TEST_TOOLS); do command -v $$t >/dev/null 2>&1 || printf ' %s' $$t; done; }; \
 	if [ -n "$$(missing)" ]; then \

@@ -13,7 +13,7 @@ import torch
 
 from bsbr_core import load_model
 from experiments import long_range
-from experiments.runner import EXPERIMENTS, run_experiment, write_report
+from experiments.runner import ALL_EXPERIMENTS, EXPERIMENTS, experiment_module, run_experiment, write_report
 from experiments.tasks import RecallTask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,9 +112,29 @@ def test_long_range_smoke_profile_trains_scores_and_reports(tmp_path):
     report = write_report(tmp_path, tmp_path / "experiments.md").read_text()
     assert "## long_range" in report and "0.94 / 0.92 / 0.89" in report
     assert "| bsbr |" in report
-    missing = [n for n in EXPERIMENTS if n != "long_range"]
+    missing = [n for n in ALL_EXPERIMENTS if n != "long_range"]
     if missing:
         assert "Not yet measured" in report
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if n != "long_range"])
+def test_every_experiment_smoke_profile_writes_json_png_and_a_report_section(name, tmp_path):
+    """The runner's contract for each experiment module: PROFILES with smoke,
+    cpu and gpu, a record with the machine and load average, at least one
+    figure it names in its report section, and the report section itself."""
+    mod = experiment_module(name)
+    assert {"smoke", "cpu", "gpu"} <= set(mod.PROFILES)
+    assert getattr(mod, "CLAIMS", None), f"{name} sets no claims of the research page beside its measurements"
+    record = run_experiment(name, "smoke", out_dir=tmp_path, progress=False)
+    saved = json.loads((tmp_path / f"{name}.json").read_text())
+    assert saved == record and saved["profile"] == "smoke" and saved["results"]
+    assert len(saved["machine"]["load_average_before"]) == 3 == len(saved["machine"]["load_average_after"])
+    pngs = sorted(tmp_path.glob(f"{name}*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    section = mod.report(saved)
+    assert any(f"../experiments/results/{p.name}" in section for p in pngs), "the report shows none of its figures"
+    report = write_report(tmp_path, tmp_path / "experiments.md").read_text()
+    assert f"## {name}" in report
 
 
 def test_runner_rejects_unknown_names_and_profiles(tmp_path):
