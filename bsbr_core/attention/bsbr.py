@@ -66,6 +66,50 @@ class BSBRAttentionCore(Attention):
         r = self.meta_query(xbar).view(b, C, H, d).transpose(1, 2)
         return h, r
 
+    @staticmethod
+    def _mean_weights(real, dtype):
+        """real (b, C, B) bool -> (b, C, B): 1/|c| on chunk c's real tokens, 0 elsewhere."""
+        count = real.sum(-1).clamp(min=1)  # (b, C)
+        return real.to(dtype) / count[..., None].to(dtype)
+
+    @staticmethod
+    def _chunk_means(x, w, pad):
+        """x (b, n, D), w from _mean_weights -> chunk means of x over real tokens (b, C, D)."""
+        b, C, B = w.shape
+        return (pad_seq(x, pad, dim=1).view(b, C, B, x.shape[-1]) * w[..., None]).sum(2)
+
+    def _used_queries(self, r_new, state):
+        """The meta query each chunk retrieves with (causal: chunk c-1's, the
+        carried r_last before the first) and the r_last to carry on."""
+        if not self.causal:
+            return r_new, None
+        prev_r = state["r_last"] if state is not None and "r_last" in state else torch.zeros_like(r_new[:, :, :1])
+        return torch.cat([prev_r, r_new[:, :, :-1]], dim=2), r_new[:, :, -1:]
+
+    def _retrieval_probs(self, r_used, h_all, Cp):
+        """a_{c,j} (b, H, C, Ct): the piece's C chunks (document chunks Cp ..)
+        over all Ct chunks so far, softmax over j < c and exactly 0 elsewhere."""
+        C, Ct = r_used.shape[2], h_all.shape[2]
+        scores = (r_used @ h_all.transpose(-1, -2)) * self.scale  # (b, H, C, Ct)
+        allowed = torch.arange(Ct, device=r_used.device)[None, :] < (Cp + torch.arange(C, device=r_used.device))[:, None]
+        # finfo.min rather than -inf keeps chunk 0 (nothing to retrieve) free of NaN, in gradients too.
+        return torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1) * allowed
+
+    def retrieval_weights(self, x, mask=None):
+        """The retrieval softmax a_{c,j} of a document read one-shot from
+        position 0, recomputed from this layer's meta projections with the
+        same functions `attend` uses. x (b, n, D) is the layer's normalised
+        input, mask (b, n) its real tokens (right-padded). Returns
+        (b, H, C, C): row c is chunk c's distribution over chunks j < c
+        (row 0, which retrieves nothing, is all zero)."""
+        b, n, _ = x.shape
+        B = self.chunk_size
+        pad = pad_len(n, B)
+        C = (n + pad) // B
+        real = pad_seq(valid_mask(mask, b, n, x.device), pad, dim=1, value=False).view(b, C, B)
+        h, r = self._meta(self._chunk_means(x, self._mean_weights(real, x.dtype), pad))
+        return self._retrieval_probs(self._used_queries(r, None)[0], h, 0)
+
     # --- parallel form (one-shot and streaming) -------------------------------
 
     def attend(self, q, k, v, x, pos0, mask, state, commit):
@@ -90,32 +134,24 @@ class BSBRAttentionCore(Attention):
         o_loc = o_loc.view(b, H, C, B, d)
 
         # Chunk states F_c = mean over real tokens of k~ v~^T: (b, H, C, dk, dv).
-        count = real.sum(-1).clamp(min=1)  # (b, C)
-        w = (real.to(q.dtype) / count[..., None].to(q.dtype))  # (b, C, B)
+        w = self._mean_weights(real, q.dtype)  # (b, C, B)
         kt = self._compress(kc.view(b, H, C * B, d), self.proj_k if self.compressed else None).view(b, H, C, B, self.dk)
         vt = self._compress(vc.view(b, H, C * B, d), self.proj_v if self.compressed else None).view(b, H, C, B, self.dv)
         F_new = (kt * w[:, None, :, :, None]).transpose(-1, -2) @ vt
 
         # Meta keys and queries from chunk means of the layer input.
-        xbar = (pad_seq(x, pad, dim=1).view(b, C, B, x.shape[-1]) * w[..., None]).sum(2)  # (b, C, D)
-        h_new, r_new = self._meta(xbar)
+        h_new, r_new = self._meta(self._chunk_means(x, w, pad))  # each (b, H, C, d)
         new_state = dict(state) if state is not None else {"F": AppendLog.empty(2), "h": AppendLog.empty(2)}
+        r_used, r_last = self._used_queries(r_new, state)
         if self.causal:
-            prev_r = state["r_last"] if state is not None and "r_last" in state else torch.zeros_like(r_new[:, :, :1])
-            r_used = torch.cat([prev_r, r_new[:, :, :-1]], dim=2)
-            new_state["r_last"] = r_new[:, :, -1:]
-        else:
-            r_used = r_new
+            new_state["r_last"] = r_last
 
         # Retrieval over strictly earlier chunks (committed history + this piece).
         Cp = new_state["h"].length
         h_all, h_log = new_state["h"].extend(h_new, commit)
         F_all, F_log = new_state["F"].extend(F_new, commit)
         Ct = Cp + C
-        scores = (r_used @ h_all.transpose(-1, -2)) * self.scale  # (b, H, C, Ct)
-        allowed = torch.arange(Ct, device=q.device)[None, :] < (Cp + torch.arange(C, device=q.device))[:, None]
-        # finfo.min rather than -inf keeps chunk 0 (nothing to retrieve) free of NaN, in gradients too.
-        a = torch.softmax(scores.masked_fill(~allowed, torch.finfo(scores.dtype).min), dim=-1) * allowed
+        a = self._retrieval_probs(r_used, h_all, Cp)  # (b, H, C, Ct)
         S = (a @ F_all.reshape(b, H, Ct, self.dk * self.dv)).view(b, H, C, self.dk, self.dv)
         qt = self._compress(qc.view(b, H, C * B, d), self.proj_k if self.compressed else None).view(b, H, C, B, self.dk)
         o_ret = qt @ S  # (b, H, C, B, dv)
