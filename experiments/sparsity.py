@@ -411,7 +411,7 @@ def recall(s: SparsitySettings, ctx) -> dict:
                                     if t in task.pair_ids and (task.pair_ids.index(t) // task.num_pairs)
                                     == task.key_ids.index(key))
                     j = pair_pos // B
-                    correct += int(m(ids[None]).argmax()) == y
+                    correct += int(m(ids[None].to(m.device)).argmax()) == y
                     for li, (block, x) in enumerate(zip(m.encoder.blocks, layer_inputs(m, ids))):
                         if m.config.arch == "bsbr":
                             row = block.attn.retrieval_weights(x)[0, :, -1]  # (H, C): the last chunk's retrieval

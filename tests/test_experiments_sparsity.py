@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bsbr_core import ModelConfig, build_model
+from core_helpers import randomize
 
 
 def tiny(arch="bsbr", causal=False, chunk=4, f=1, seed=0):
@@ -15,7 +16,7 @@ def tiny(arch="bsbr", causal=False, chunk=4, f=1, seed=0):
     cfg = ModelConfig(arch=arch, vocab_size=50, hidden_dim=16, num_layers=2, num_heads=2, ff_dim=16,
                       chunk_size=chunk, causal=causal if arch == "bsbr" else False, compression_factor=f,
                       labels=["a", "b"])
-    return build_model(cfg).double().eval()
+    return randomize(build_model(cfg), seed).double().eval()  # weights large enough that softmaxes are not flat
 
 
 def naive_retrieval(attn, x, mask):
