@@ -357,7 +357,7 @@ class Api:
                                           max_queued=h.pdf_max_queued), metrics=self.metrics)
         s = self.cfg.sessions
         # Only to find which model owns a session; the model replicas own the sessions.
-        self.store = make_store(s.store, s.store_name, s.max_sessions, s.max_store_bytes, s.results_retained)
+        self.store = make_store(s)
         self._session_model: OrderedDict[str, str] = OrderedDict()
         self._info: dict[str, dict[str, Any]] = {}
 

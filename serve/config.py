@@ -94,14 +94,29 @@ class SessionConfig(_Strict):
     ttl_s: float = Field(default=900.0, gt=0, description="idle time after which a session expires")
     max_sessions: int = Field(default=10_000, ge=1, description="live sessions over all models; beyond: 429")
     max_store_bytes: int = Field(default=4 << 30, ge=1, description="checkpointed state bytes; beyond: 429")
-    store: Literal["ray_actor", "memory"] = Field(
+    store: Literal["ray_actor", "memory", "redis"] = Field(
         default="ray_actor",
         description="ray_actor: a named detached actor every replica reaches; "
-        "memory: per-replica only (one replica, tests)",
+        "memory: per-replica only (one replica, tests); redis: Redis >= 7 or Valkey at redis_url, "
+        "so sessions outlive every Ray process",
     )
-    store_name: str = Field(default="bsbr_session_store", description="name of the store actor")
+    store_name: str = Field(default="bsbr_session_store", pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+                            description="the store actor's name; with redis, the prefix of its keys")
+    redis_url: str | None = Field(
+        default=None, pattern=r"^(redis|rediss|unix)://",
+        description="with store redis: redis://[:PASSWORD@]HOST:PORT/DB; ${NAME} is replaced by the replica's "
+        "environment variable NAME (keeps a password out of the config)",
+    )
+    redis_timeout_s: float = Field(default=2.0, gt=0,
+                                   description="Redis connect and reply timeout; beyond: 503 store_unavailable")
     hot_max_bytes: int = Field(default=1 << 30, ge=0, description="hot states kept per replica (LRU)")
     results_retained: int = Field(default=64, ge=1, description="answers kept per session for seq repeats")
+
+    @model_validator(mode="after")
+    def _redis_needs_an_address(self) -> SessionConfig:
+        if self.store == "redis" and not self.redis_url:
+            raise ValueError("sessions.store redis needs sessions.redis_url (redis://HOST:PORT/DB)")
+        return self
 
 
 class HttpConfig(_Strict):

@@ -43,10 +43,7 @@ class ModelServer:
         spec_m = ModelSpec.model_validate(spec)
         sessions_m = SessionConfig.model_validate(sessions)
         torch.set_num_threads(_torch_threads(spec_m))
-        store = make_store(
-            sessions_m.store, sessions_m.store_name, sessions_m.max_sessions,
-            sessions_m.max_store_bytes, sessions_m.results_retained,
-        )
+        store = make_store(sessions_m)
         store.connect()
         self.engine = load_engine(name, spec_m, sessions_m, store, RayServeMetrics(name))
         try:
@@ -80,6 +77,10 @@ class ModelServer:
                 self.engine.sweep()
                 since_sweep = 0.0
             self.engine.metrics.sessions_active(len(self.engine.hot))
+            try:
+                await self.engine.store.report_fill()
+            except ServeError:  # the store is down: its fill is unknown until it returns
+                pass
 
     async def ready(self) -> bool:
         self._start_sweeper()

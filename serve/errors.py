@@ -143,6 +143,14 @@ class Unavailable(ServeError):
     status, code = 503, "unavailable"
 
 
+class StoreUnavailable(ServeError):
+    """The session store cannot be reached (Redis down or restarting, the
+    store actor gone): nothing was applied; the client retries the same seq
+    after Retry-After. One-shot requests, which need no store, still work."""
+
+    status, code = 503, "store_unavailable"
+
+
 class BackendUnsupported(ServeError):
     status, code = 501, "backend_unsupported"
 
@@ -162,7 +170,7 @@ _BY_CODE: dict[str, type[ServeError]] = {
         TooManyPdfPages, EmptyDocument,
         UnknownModel, SessionNotFound, NotFound, MethodNotAllowed, SeqGap, SeqExpired,
         SessionIncompatible, TooManyTokens, BodyTooLarge, TooManySessions, StoreFull,
-        Overloaded, NotReady, Unavailable, BackendUnsupported, InternalError,
+        Overloaded, NotReady, Unavailable, StoreUnavailable, BackendUnsupported, InternalError,
     )
 }
 

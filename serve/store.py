@@ -12,7 +12,9 @@ O(page) bytes amortised and the chain holds at most about twice the state.
 default, `RayActorSessionStore`, talks to one named, detached Ray actor
 (`SessionStoreActor`) that every replica on every node can reach by name.
 `MemorySessionStore` is the same table in-process (one replica, tests,
-benchmarks). An external store (Redis, S3, ...) implements `SessionStore`.
+benchmarks). `serve.redis_store.RedisSessionStore` keeps everything in Redis,
+so sessions outlive every Ray process. tests/test_serve_store_contract.py
+holds every store to the same contract.
 
 Consistency: `commit` is a compare-and-set on the session's `next_seq`, so a
 page is applied at most once even when two replicas race for one session
@@ -26,7 +28,7 @@ import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from serve.errors import (
     SeqExpired,
@@ -34,16 +36,49 @@ from serve.errors import (
     SessionIncompatible,
     SessionNotFound,
     StoreFull,
+    StoreUnavailable,
     TooManySessions,
-    Unavailable,
     from_wire,
     is_wire_error,
 )
+
+if TYPE_CHECKING:
+    from serve.config import SessionConfig
 
 
 def new_session_id() -> str:
     """128 random bits, hex."""
     return secrets.token_hex(16)
+
+
+# The store errors, one wording for every store.
+
+
+def not_found(sid: str) -> SessionNotFound:
+    return SessionNotFound(f"session {sid} not found (unknown, deleted or expired)")
+
+
+def no_answer(sid: str, seq: int) -> SessionNotFound:
+    return SessionNotFound(f"session {sid} has no answer for seq {seq}")
+
+
+def not_retained(seq: int, retained: int, next_seq: int) -> SeqExpired:
+    return SeqExpired(f"seq {seq} was applied but its answer is no longer retained "
+                      f"(the last {retained} are); the session is at seq {next_seq - 1}")
+
+
+def delta_needs_full(sid: str) -> SessionIncompatible:
+    return SessionIncompatible(f"session {sid}: a delta checkpoint needs a full one before it")
+
+
+def too_many_sessions(live: int, limit: int, retry_after_s: float) -> TooManySessions:
+    return TooManySessions(f"{live} live sessions (limit {limit}); delete finished sessions or retry later",
+                           retry_after_s=retry_after_s)
+
+
+def store_full(held: int, limit: int, retry_after_s: float) -> StoreFull:
+    return StoreFull(f"checkpoint store holds {held} bytes (limit {limit}); this page was not applied, "
+                     "retry it later", retry_after_s=retry_after_s)
 
 
 @dataclass
@@ -115,7 +150,7 @@ class SessionTable:
         if rec is None or self._expired(rec, now):
             if rec is not None:
                 self._drop(sid)
-            raise SessionNotFound(f"session {sid} not found (unknown, deleted or expired)")
+            raise not_found(sid)
         rec.last_access = now
         return rec
 
@@ -125,11 +160,7 @@ class SessionTable:
         if len(self.sessions) >= self.max_sessions:
             self.sweep()
             if len(self.sessions) >= self.max_sessions:
-                raise TooManySessions(
-                    f"{len(self.sessions)} live sessions (limit {self.max_sessions}); "
-                    "delete finished sessions or retry later",
-                    retry_after_s=self._retry_after(),
-                )
+                raise too_many_sessions(len(self.sessions), self.max_sessions, self._retry_after())
         now = self.clock()
         rec = SessionRecord(session_id, model, ttl_s, now)
         self.sessions[session_id] = rec
@@ -145,12 +176,9 @@ class SessionTable:
     def result(self, session_id: str, seq: int) -> dict[str, Any]:
         rec = self._get(session_id)
         if seq >= rec.next_seq:
-            raise SessionNotFound(f"session {session_id} has no answer for seq {seq}")
+            raise no_answer(session_id, seq)
         if seq not in rec.results:
-            raise SeqExpired(
-                f"seq {seq} was applied but its answer is no longer retained "
-                f"(the last {self.results_retained} are); the session is at seq {rec.next_seq - 1}"
-            )
+            raise not_retained(seq, self.results_retained, rec.next_seq)
         return rec.results[seq]
 
     def commit(self, session_id: str, seq: int, blob: bytes, result: dict[str, Any], delta: bool = False) -> int | None:
@@ -164,16 +192,12 @@ class SessionTable:
         if rec.next_seq != seq:
             return rec.next_seq
         if delta and not rec.chain:
-            raise SessionIncompatible(f"session {session_id}: a delta checkpoint needs a full one before it")
+            raise delta_needs_full(session_id)
         old = 0 if delta or not rec.chain else sum(len(b) for b in rec.chain)
         if self.total_bytes - old + len(blob) > self.max_store_bytes:
             self.sweep()
             if self.total_bytes - old + len(blob) > self.max_store_bytes:
-                raise StoreFull(
-                    f"checkpoint store holds {self.total_bytes} bytes (limit {self.max_store_bytes}); "
-                    "this page was not applied, retry it later",
-                    retry_after_s=self._retry_after(),
-                )
+                raise store_full(self.total_bytes, self.max_store_bytes, self._retry_after())
         self.total_bytes += len(blob) - old
         rec.chain = rec.chain + [blob] if delta else [blob]
         rec.next_seq = seq + 1
@@ -188,18 +212,49 @@ class SessionTable:
         self._drop(session_id)
         return meta
 
+    def fill(self) -> dict[str, int]:
+        """{sessions, bytes} as held now (expired sessions not swept yet included)."""
+        return {"sessions": len(self.sessions), "bytes": self.total_bytes}
+
     def stats(self) -> dict[str, Any]:
+        """Live sessions (expired ones are swept first), their checkpoint bytes, sessions per model."""
+        self.sweep()
         per_model: dict[str, int] = {}
         for r in self.sessions.values():
             per_model[r.model] = per_model.get(r.model, 0) + 1
-        return {"sessions": len(self.sessions), "bytes": self.total_bytes, "per_model": per_model}
+        return {**self.fill(), "per_model": per_model}
+
+
+class StoreFillGauges:
+    """bsbr_session_store_{bytes,max_bytes,sessions}, for the BsbrSessionStore*
+    alerts (deploy/prometheus), which sum them over exporters: each store's
+    fill must be exported once (the store actor; each replica for its own
+    memory table; one lease holder for Redis)."""
+
+    def __init__(self, max_store_bytes: int):
+        from ray.util import metrics
+
+        self.max_store_bytes = max_store_bytes
+        self._bytes = metrics.Gauge("bsbr_session_store_bytes", description="checkpoint bytes held")
+        self._max_bytes = metrics.Gauge("bsbr_session_store_max_bytes", description="sessions.max_store_bytes")
+        self._sessions = metrics.Gauge("bsbr_session_store_sessions", description="live sessions in the store")
+
+    def set(self, stats: dict[str, Any]) -> None:
+        self._max_bytes.set(self.max_store_bytes)
+        self._bytes.set(stats["bytes"])
+        self._sessions.set(stats["sessions"])
 
 
 class SessionStore(abc.ABC):
-    """What the engine needs from a checkpoint store. Errors are ServeErrors."""
+    """What the engine needs from a checkpoint store. Errors are ServeErrors
+    (StoreUnavailable, 503, when the store cannot be reached)."""
 
     def connect(self) -> None:
         """Reach (or create) the backing store now rather than on first use."""
+
+    async def report_fill(self) -> None:
+        """Refresh the store-fill gauges; every model replica calls it once a
+        second (serve/deployments.py). A no-op where someone else exports them."""
 
     @abc.abstractmethod
     async def create(self, session_id: str, model: str, ttl_s: float) -> dict[str, Any]: ...
@@ -230,10 +285,18 @@ class SessionStore(abc.ABC):
 
 
 class MemorySessionStore(SessionStore):
-    """The table in this process: for one replica, tests and benchmarks."""
+    """The table in this process: for one replica, tests and benchmarks.
+    Each replica exports its own table's fill (the alerts sum them)."""
 
-    def __init__(self, max_sessions: int = 10_000, max_store_bytes: int = 4 << 30, results_retained: int = 64):
-        self.table = SessionTable(max_sessions, max_store_bytes, results_retained)
+    def __init__(self, max_sessions: int = 10_000, max_store_bytes: int = 4 << 30, results_retained: int = 64,
+                 clock=time.monotonic):
+        self.table = SessionTable(max_sessions, max_store_bytes, results_retained, clock)
+        self._gauges: StoreFillGauges | None = None
+
+    async def report_fill(self):
+        if self._gauges is None:
+            self._gauges = StoreFillGauges(self.table.max_store_bytes)
+        self._gauges.set(self.table.stats())
 
     async def create(self, session_id, model, ttl_s):
         return self.table.create(session_id, model, ttl_s)
@@ -267,15 +330,10 @@ class SessionStoreActor:
     """
 
     def __init__(self, max_sessions: int, max_store_bytes: int, results_retained: int, sweep_s: float = 1.0):
-        from ray.util import metrics
-
         self.table = SessionTable(max_sessions, max_store_bytes, results_retained)
         self._sweep_s = sweep_s
         self._sweeper: asyncio.Task | None = None
-        # Store fill, for the BsbrSessionStore* alerts in deploy/prometheus.
-        self._bytes = metrics.Gauge("bsbr_session_store_bytes", description="checkpoint bytes held")
-        self._max_bytes = metrics.Gauge("bsbr_session_store_max_bytes", description="sessions.max_store_bytes")
-        self._sessions = metrics.Gauge("bsbr_session_store_sessions", description="live sessions in the store")
+        self._gauges = StoreFillGauges(max_store_bytes)
         self._report()
         try:
             self._ensure_sweeper()
@@ -284,9 +342,7 @@ class SessionStoreActor:
 
     def _report(self):
         # Set every second by the sweeper, so Ray keeps exporting them while idle.
-        self._max_bytes.set(self.table.max_store_bytes)
-        self._bytes.set(self.table.total_bytes)
-        self._sessions.set(len(self.table.sessions))
+        self._gauges.set(self.table.fill())
 
     def _ensure_sweeper(self):
         if self._sweeper is None:
@@ -347,7 +403,7 @@ class RayActorSessionStore(SessionStore):
             out = await self._handle().call.remote(op, *args)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             self._actor = None
-            raise Unavailable(f"session store unavailable: {type(e).__name__}", retry_after_s=1.0) from None
+            raise StoreUnavailable(f"session store unavailable: {type(e).__name__}", retry_after_s=1.0) from None
         if is_wire_error(out):
             raise from_wire(out)
         return out["ok"]
@@ -375,9 +431,15 @@ class RayActorSessionStore(SessionStore):
         return await self._call("stats")
 
 
-def make_store(kind: str, name: str, max_sessions: int, max_store_bytes: int, results_retained: int) -> SessionStore:
-    if kind == "ray_actor":
-        return RayActorSessionStore(name, max_sessions, max_store_bytes, results_retained)
-    if kind == "memory":
-        return MemorySessionStore(max_sessions, max_store_bytes, results_retained)
-    raise ValueError(f"unknown session store {kind!r}")
+def make_store(cfg: SessionConfig) -> SessionStore:
+    """The store `sessions.store` names (serve.config.SessionConfig)."""
+    args = (cfg.max_sessions, cfg.max_store_bytes, cfg.results_retained)
+    if cfg.store == "ray_actor":
+        return RayActorSessionStore(cfg.store_name, *args)
+    if cfg.store == "memory":
+        return MemorySessionStore(*args)
+    if cfg.store == "redis":
+        from serve.redis_store import RedisSessionStore
+
+        return RedisSessionStore(cfg.redis_url, cfg.store_name, *args, timeout_s=cfg.redis_timeout_s)
+    raise ValueError(f"unknown session store {cfg.store!r}")

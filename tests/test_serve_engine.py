@@ -20,7 +20,7 @@ from serve.engine import load_engine
 from serve.metrics import EngineMetrics
 from serve.pages import text_pages, tokenize_document
 from serve.router import rendezvous_rank
-from serve.store import MemorySessionStore, SessionTable
+from serve.store import MemorySessionStore
 
 pytest_plugins = ["conftest_serve"]
 
@@ -132,68 +132,7 @@ def test_onnx_backend_gives_the_torch_answer(dev_models, tmp_path):
     assert a["logits"] == pytest.approx(b["logits"], abs=1e-4) and onnx.info()["backend"] == "onnx"
 
 
-# --- store --------------------------------------------------------------------------------
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
-
-
-def test_store_commit_is_compare_and_set_on_seq():
-    t = SessionTable(10, 1 << 20)
-    t.create("s", "bsbr", 60)
-    assert t.commit("s", 0, b"a", {"seq": 0}) is None
-    assert t.commit("s", 0, b"b", {"seq": 0}) == 1  # a repeat changes nothing
-    assert t.load("s")[1] == [b"a"]
-    assert t.commit("s", 5, b"c", {"seq": 5}) == 1  # a gap changes nothing
-    assert t.result("s", 0) == {"seq": 0}
-    # Deltas extend the chain, a full blob restarts it; the byte count follows.
-    assert t.commit("s", 1, b"dd", {"seq": 1}, True) is None
-    assert t.load("s")[1] == [b"a", b"dd"] and t.total_bytes == 3
-    assert t.commit("s", 2, b"full", {"seq": 2}) is None
-    assert t.load("s")[1] == [b"full"] and t.total_bytes == 4
-    t.create("fresh", "bsbr", 60)
-    with pytest.raises(errors.SessionIncompatible):
-        t.commit("fresh", 0, b"d", {}, True)  # a delta needs a full blob before it
-
-
-def test_store_sessions_expire_after_idle_ttl():
-    clock = Clock()
-    t = SessionTable(10, 1 << 20, clock=clock)
-    t.create("s", "bsbr", 60)
-    clock.t += 59
-    t.head("s")  # any access renews the TTL
-    clock.t += 59
-    t.head("s")
-    clock.t += 61
-    with pytest.raises(errors.SessionNotFound):
-        t.head("s")
-
-
-def test_store_limits_answer_429_with_retry_after():
-    clock = Clock()
-    t = SessionTable(2, 10, clock=clock)
-    t.create("a", "bsbr", 30)
-    clock.t += 10
-    t.create("b", "bsbr", 30)
-    with pytest.raises(errors.TooManySessions) as e:
-        t.create("c", "bsbr", 30)
-    assert e.value.status == 429 and e.value.retry_after_s == pytest.approx(20)
-    assert e.value.retry_after_header == "20"
-    t.commit("a", 0, b"12345678", {})
-    with pytest.raises(errors.StoreFull):
-        t.commit("b", 0, b"12345", {})
-    assert t.total_bytes == 8
-    t.delete("a")
-    assert t.total_bytes == 0
-    t.commit("b", 0, b"12345", {})
-    clock.t += 31
-    assert t.sweep() == 1  # b expired, its bytes went with it
-    assert t.total_bytes == 0 and not t.sessions
+# --- store (the store contract itself: tests/test_serve_store_contract.py) ---------------
 
 
 def test_errors_cross_process_boundaries_as_data():
@@ -271,69 +210,6 @@ def test_seq_repeat_returns_the_stored_answer_and_gap_is_409(dev_models):
     assert now["seq"] == 1 and now["num_tokens"] == r1["num_tokens"] > r0["num_tokens"]
 
 
-def test_stale_hot_state_is_never_used(dev_models):
-    """Two replicas share a store; one serves a page while the other holds an
-    older hot copy: the other must resume from the store, not from its copy."""
-    store = MemorySessionStore()
-    a, b = make_engine(dev_models, store=store), make_engine(dev_models, store=store)
-    pages = document(4)
-
-    async def go():
-        sid = (await a.create_session())["session_id"]
-        await a.append(sid, 0, pages=[pages[0]])
-        await b.append(sid, 1, pages=[pages[1]])  # b resumes from the store
-        await b.append(sid, 2, pages=[pages[2]])
-        last = await a.append(sid, 3, pages=[pages[3]])  # a's hot copy is at seq 1: stale
-        # A retry of seq 1 routed to a, whose hot copy expects exactly seq 1:
-        repeat = await a.append(sid, 1, pages=[pages[1]])
-        return last, repeat
-
-    ref = make_engine(dev_models)
-
-    async def straight():
-        sid = (await ref.create_session())["session_id"]
-        for i, p in enumerate(pages):
-            r = await ref.append(sid, i, pages=[p])
-        return r
-
-    last, repeat = run(go())
-    want = run(straight())
-    assert last["logits"] == pytest.approx(want["logits"], abs=1e-5)
-    assert last["num_tokens"] == want["num_tokens"] and repeat["seq"] == 1
-
-
-@pytest.mark.parametrize("name", ["bsbr", "standard"])
-def test_checkpoints_are_delta_chains_that_resume_exactly(dev_models, name):
-    """After each page the store gets only the page's delta (a full blob when the
-    deltas would outgrow the last one), and a replica that never saw the
-    session resumes it from the chain with the same answer."""
-    store = MemorySessionStore()
-    a, b = make_engine(dev_models, name, store=store), make_engine(dev_models, name, store=store)
-    pages = document(41)
-    chain_lengths, written = [], 0
-
-    async def go():
-        nonlocal written
-        sid = (await a.create_session())["session_id"]
-        for i, p in enumerate(pages[:40]):
-            await a.append(sid, i, pages=[p])
-            rec = store.table.sessions[sid]
-            chain_lengths.append(len(rec.chain))
-            written += len(rec.chain[-1])
-        state_bytes = len(a.hot[sid].state.to_bytes())
-        chain_bytes = sum(len(x) for x in store.table.sessions[sid].chain)
-        on_b = await b.append(sid, 40, pages=[pages[40]])  # b resumes from the store's chain
-        return sid, state_bytes, chain_bytes, on_b
-
-    sid, state_bytes, chain_bytes, on_b = run(go())
-    assert max(chain_lengths) > 5                      # deltas were appended
-    assert chain_lengths.count(1) <= 8                 # full blobs only now and then (geometric)
-    assert chain_bytes <= 2.5 * state_bytes            # the chain stays about the state's size
-    assert written < 40 * state_bytes / 4              # far less than a full blob per page
-    want = one_shot_logits(a, pages).double()
-    assert (as_tensor(a.labels, on_b["logits"]) - want).abs().max() <= 1e-4
-
-
 def test_too_many_tokens_is_413_and_nothing_is_applied(dev_models):
     eng = make_engine(dev_models, "standard", max_tokens=200)
     pages = document(20)
@@ -349,21 +225,6 @@ def test_too_many_tokens_is_413_and_nothing_is_applied(dev_models):
 
     r, now = run(go())
     assert now["num_tokens"] == r["num_tokens"] and now["seq"] == 0
-
-
-def test_store_full_is_429_and_the_session_continues(dev_models):
-    store = MemorySessionStore(max_store_bytes=1)
-    eng = make_engine(dev_models, store=store)
-
-    async def go():
-        sid = (await eng.create_session())["session_id"]
-        with pytest.raises(errors.StoreFull) as e:
-            await eng.append(sid, 0, text="a page")
-        store.table.max_store_bytes = 1 << 30
-        return e.value, await eng.append(sid, 0, text="a page")
-
-    err, ok = run(go())
-    assert err.retry_after_s and ok["seq"] == 0
 
 
 def test_concurrent_sessions_are_batched(dev_models):
@@ -405,18 +266,6 @@ def test_a_failing_document_does_not_fail_its_batch(dev_models):
 
     good, bad = run(go())
     assert not isinstance(good, Exception) and isinstance(bad, ValueError)
-
-
-def test_sessions_of_another_model_are_not_found(dev_models):
-    store = MemorySessionStore()
-    a, b = make_engine(dev_models, "bsbr", store), make_engine(dev_models, "standard", store)
-
-    async def go():
-        sid = (await a.create_session())["session_id"]
-        with pytest.raises(errors.SessionNotFound):
-            await b.append(sid, 0, text="x y z")
-
-    run(go())
 
 
 def test_untrained_models_say_so(dev_models):
