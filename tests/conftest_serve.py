@@ -38,6 +38,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> bool:
+    """Poll url/readyz until it answers 200 (True), the time is up or alive() is False."""
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and alive():
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    return False
+
+
 def document(n_pages: int, words_per_page: int = 20, seed: int = 0) -> list[str]:
     """n_pages pages of generated sentences."""
     rng = random.Random(seed)
@@ -76,7 +91,6 @@ def serve_cluster(request, dev_models) -> dict:
     Returns {"url", "http_port", "metrics_port", "models", "app_name"}."""
     if "cluster" in _singletons:
         return _singletons["cluster"]  # type: ignore[return-value]
-    import httpx
     import ray
     from ray import serve
 
@@ -104,15 +118,7 @@ def serve_cluster(request, dev_models) -> dict:
     store_name = f"test_store_{os.getpid()}"
     serve.run(build_app(app_args(dev_models, store_name)), name="bsbr", route_prefix="/")
     url = f"http://127.0.0.1:{http_port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    else:
+    if not wait_ready(url, 120):
         pytest.fail("the test application never became ready")
     info = {"url": url, "http_port": http_port, "metrics_port": metrics_port, "models": dev_models,
             "app_name": "bsbr", "store_name": store_name}

@@ -1,21 +1,54 @@
-"""Failover: the replica holding a session dies mid-document; the session goes on from the store."""
+"""Failover: the replica holding a session dies mid-document; the session goes on from the store.
+
+Once with the shared application's `ray_actor` store, once with the Redis
+store: a second application on the same cluster (bsbr only, under /redis),
+removed after the test.
+"""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
-from conftest_serve import document
+from conftest_serve import app_args, document
 
-pytest_plugins = ["conftest_serve"]
+pytest_plugins = ["conftest_serve", "redis_helpers"]
 pytestmark = pytest.mark.slow
+
+REDIS_APP = "bsbr-redis"
 
 
 def vec(labels, logits):
     return torch.tensor([logits[k] for k in labels], dtype=torch.float64)
 
 
-def test_killing_the_replica_holding_a_session_loses_nothing(client, serve_cluster):
+@pytest.fixture(params=["ray_actor", "redis"])
+def store(request, serve_cluster):
+    """(client, application name, store kind) of an application whose sessions live in that store."""
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+
+    if request.param == "ray_actor":
+        yield request.getfixturevalue("client"), serve_cluster["app_name"], "ray_actor"
+        return
+    redis_server = request.getfixturevalue("redis_server")
+    args = app_args(serve_cluster["models"], f"failover_{os.getpid()}")
+    args["models"] = [m for m in args["models"] if m["name"] == "bsbr"]
+    args["sessions"].update(store="redis", redis_url=redis_server.url())
+    serve.run(build_app(args), name=REDIS_APP, route_prefix="/redis")
+    try:
+        with httpx.Client(base_url=serve_cluster["url"] + "/redis", timeout=120) as c:
+            yield c, REDIS_APP, "redis"
+    finally:
+        serve.delete(REDIS_APP)
+
+
+def test_killing_the_replica_holding_a_session_loses_nothing(store):
     import ray
 
+    client, app_name, kind = store
     pages = document(30, words_per_page=8, seed=21)
     whole = client.post("/v1/classify", json={"model": "bsbr", "pages": pages}).json()
     labels = sorted(whole["logits"])
@@ -37,7 +70,9 @@ def test_killing_the_replica_holding_a_session_loses_nothing(client, serve_clust
         # The cluster is shared by the whole test session: leave it as it was
         # (both bsbr replicas running and routed to), or the next tests see the
         # replacement join mid-test and session pages move between replicas.
-        _wait_for_both_bsbr_replicas(client, serve_cluster["app_name"])
+        # (The Redis application is deleted instead.)
+        if kind == "ray_actor":
+            _wait_for_both_bsbr_replicas(client, app_name)
 
 
 def _go_on_after_the_kill(client, sid, pages, whole, labels, holder, answers):
