@@ -2,7 +2,8 @@
 #
 # bsbr-serve for a GPU host: CUDA runtime + cuDNN (onnxruntime-gpu's CUDA
 # execution provider loads cuDNN from the system; torch brings its own CUDA
-# libraries), Python 3.11, the project with the `gpu` extra and the shipped
+# libraries), Python 3.11, the project with the `gpu` and `redis` extras (the
+# GPU profile keeps its sessions in Redis) and the shipped
 # models. The same image runs standalone (`docker run --gpus all ...`) and as
 # the Ray head/worker image of the KubeRay RayService in deploy/kuberay/,
 # where KubeRay replaces the entry point with `ray start`.
@@ -38,11 +39,11 @@ WORKDIR /src
 # the CUDA 12 build.
 COPY pyproject.toml README.md ./
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv pip install -r pyproject.toml --extra gpu
+    uv pip install -r pyproject.toml --extra gpu --extra redis
 COPY bsbr_core/ bsbr_core/
 COPY serve/ serve/
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv pip install --no-deps ".[gpu]"
+    uv pip install --no-deps ".[gpu,redis]"
 
 # -------------------------------------------------------------- runtime ----
 FROM ${CUDA_IMAGE} AS runtime

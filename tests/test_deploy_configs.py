@@ -53,6 +53,8 @@ KUBERAY_FIELDS = {
         "resources", "image", "imagePullPolicy", "env", "envFrom", "volumeMounts",
         "securityContext", "idleTimeoutSeconds", "upscalingMode", "version",
     },
+    "GcsFaultToleranceOptions": {"redisUsername", "redisPassword", "externalStorageNamespace", "redisAddress"},
+    "RedisCredential": {"valueFrom", "value"},
 }
 # monitoring.coreos.com/v1 PodMonitor (the fields this repository may use).
 PODMONITOR_FIELDS = {
@@ -123,7 +125,8 @@ def test_every_deployments_options_validate_with_rays_schema(profile):
 def test_serve_config_args_are_the_apps_config(profile):
     cfg = _app_config(load_yaml(SERVE_CONFIGS[profile]))
     assert [m.name for m in cfg.models][:2] == ["bsbr", "standard"]
-    assert cfg.sessions.store == "ray_actor", "sessions must survive replica loss"
+    # Sessions must survive replica loss (both); on GPU machines, the loss of every Ray process too.
+    assert cfg.sessions.store == {"gpu": "redis", "cpu": "ray_actor"}[profile]
     assert next(m for m in cfg.models if m.name == "standard").max_tokens == 32768
 
 
@@ -190,6 +193,12 @@ def test_rayservice_structure_matches_kuberay_types():
     _assert_known(rc, KUBERAY_FIELDS["RayClusterSpec"], "rayClusterConfig")
     _assert_known(rc["headGroupSpec"], KUBERAY_FIELDS["HeadGroupSpec"], "headGroupSpec")
     _assert_known(rc.get("autoscalerOptions", {}), KUBERAY_FIELDS["AutoscalerOptions"], "autoscalerOptions")
+    ft = rc["gcsFaultToleranceOptions"]
+    _assert_known(ft, KUBERAY_FIELDS["GcsFaultToleranceOptions"], "gcsFaultToleranceOptions")
+    assert ft["redisAddress"], "redisAddress is required"
+    for key in ("redisUsername", "redisPassword"):
+        if key in ft:
+            _assert_known(ft[key], KUBERAY_FIELDS["RedisCredential"], f"gcsFaultToleranceOptions.{key}")
     for g in rc["workerGroupSpecs"]:
         _assert_known(g, KUBERAY_FIELDS["WorkerGroupSpec"], f"workerGroupSpecs[{g['groupName']}]")
         assert 0 <= g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
@@ -293,3 +302,136 @@ def test_rayservice_starts_with_the_gpus_the_application_needs():
         need_max += gpus * (auto["max_replicas"] if auto else d["num_replicas"])
     assert gpu["replicas"] * per_pod >= need_min
     assert gpu["maxReplicas"] * per_pod >= need_max
+
+
+# ---------------------------------------------------------------- Redis (KubeRay)
+
+REDIS_MANIFEST = DEPLOY / "kuberay" / "redis.yaml"
+
+
+def _redis_docs() -> dict[str, dict]:
+    with open(REDIS_MANIFEST) as f:
+        docs = [d for d in yaml.safe_load_all(f) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == ["ConfigMap", "NetworkPolicy", "Service", "StatefulSet"], kinds
+    return {d["kind"]: d for d in docs}
+
+
+def _redis_conf() -> str:
+    return _redis_docs()["ConfigMap"]["data"]["redis.conf"]
+
+
+def _conf_value(conf: str, key: str) -> str:
+    (line,) = [ln for ln in conf.splitlines() if ln.split(" ", 1)[0] == key]
+    return line.split(" ", 1)[1].strip().strip('"')
+
+
+def _secret_ref(env: list[dict], name: str) -> tuple[str, str]:
+    (var,) = [e for e in env if e["name"] == name]
+    ref = var["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+@pytest.mark.parametrize("k8s_version", K8S_VERSIONS)
+def test_redis_manifest_validates_against_kubernetes_schemas(k8s_version):
+    import kubernetes_validate
+
+    version = kubernetes_validate.utils.latest_version() if k8s_version == "latest" else k8s_version
+    for kind, doc in _redis_docs().items():
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            pytest.fail(f"{kind}, Kubernetes {version}: {e.message} at {list(e.path)}")
+
+
+def test_redis_keeps_its_data_on_a_volume_and_never_evicts():
+    docs = _redis_docs()
+    sts, svc, conf = docs["StatefulSet"], docs["Service"], _redis_conf()
+    assert sts["spec"]["replicas"] == 1 and sts["spec"]["serviceName"] == svc["metadata"]["name"]
+    pod = sts["spec"]["template"]
+    assert svc["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    assert sts["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (redis,) = pod["spec"]["containers"]
+    (claim,) = sts["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in redis["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == _conf_value(conf, "dir"), "the AOF is written to the volume"
+    assert _conf_value(conf, "appendonly") == "yes" and _conf_value(conf, "maxmemory-policy") == "noeviction"
+    assert _conf_value(conf, "appendfsync") == "always", "an answered page is on disk"
+    # The config file Redis is started with is the ConfigMap's.
+    (config_volume,) = [v for v in pod["spec"]["volumes"] if v.get("configMap")]
+    assert config_volume["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert redis["args"][0] == f"{mounts[config_volume['name']]}/redis.conf"
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == int(_conf_value(conf, "port"))
+
+
+def test_redis_conf_is_what_a_real_redis_runs(tmp_path):
+    """The ConfigMap's redis.conf loads into Debian's redis-server (listening
+    and writing where the test says) and gives AOF persistence without eviction."""
+    from redis_helpers import running_config
+
+    data = tmp_path / "data"
+    data.mkdir()
+    conf = tmp_path / "redis.conf"
+    # Redis changes into `dir` as it reads the line, before any override: point it here.
+    conf.write_text(_redis_conf().replace(f"dir {_conf_value(_redis_conf(), 'dir')}\n", f"dir {data}\n"))
+    got = running_config([str(conf), "--requirepass", "pw"], data, password="pw")
+    assert got["appendonly"] == "yes" and got["appendfsync"] == "always"
+    assert got["maxmemory-policy"] == "noeviction" and int(got["maxmemory"]) == 12 << 30
+    assert got["save"] == ""
+
+
+def test_sessions_and_the_gcs_share_the_one_redis():
+    rs = _kuberay_docs()["RayService"]
+    docs = _redis_docs()
+    rc = rs["spec"]["rayClusterConfig"]
+    service = docs["Service"]["metadata"]["name"]
+    (port,) = docs["Service"]["spec"]["ports"]
+    ft = rc["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == f"{service}:{port['port']}"
+
+    from urllib.parse import urlsplit
+
+    sessions = AppConfig.model_validate(_app(yaml.safe_load(rs["spec"]["serveConfigV2"]))["args"]).sessions
+    url = urlsplit(sessions.redis_url)
+    assert sessions.store == "redis" and (url.hostname, url.port) == (service, port["port"])
+    assert url.path not in ("", "/", "/0"), "database 0 is the GCS's: sessions use another"
+
+    # One password: the Secret the Redis pod requires, the GCS logs in with,
+    # and every Ray pod's replicas put in sessions.redis_url.
+    (redis,) = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"]
+    secret = _secret_ref(redis["env"], "BSBR_REDIS_PASSWORD")
+    assert "$(BSBR_REDIS_PASSWORD)" in redis["args"]
+    assert (ft["redisPassword"]["valueFrom"]["secretKeyRef"]["name"],
+            ft["redisPassword"]["valueFrom"]["secretKeyRef"]["key"]) == secret
+    assert url.password == "${BSBR_REDIS_PASSWORD}"
+    for group, template in _pod_templates(rs).items():
+        (ray,) = template["spec"]["containers"]
+        assert _secret_ref(ray.get("env", []), "BSBR_REDIS_PASSWORD") == secret, group
+
+
+def test_gcs_fault_tolerance_is_set_the_way_kuberay_accepts():
+    # KubeRay's ValidateRayClusterSpec refuses the older ways next to gcsFaultToleranceOptions.
+    rs = _kuberay_docs()["RayService"]
+    rc = rs["spec"]["rayClusterConfig"]
+    assert "ray.io/ft-enabled" not in rs["metadata"].get("annotations", {})
+    assert "ray.io/external-storage-namespace" not in rs["metadata"].get("annotations", {})
+    head = rc["headGroupSpec"]
+    (container,) = head["template"]["spec"]["containers"]
+    names = {e["name"] for e in container.get("env", [])}
+    assert not names & {"RAY_REDIS_ADDRESS", "REDIS_PASSWORD", "REDIS_USERNAME"}
+    assert not {"redis-password", "redis-username"} & set(head["rayStartParams"])
+
+
+def test_only_the_ray_pods_reach_redis():
+    rs = _kuberay_docs()["RayService"]
+    docs = _redis_docs()
+    policy = docs["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"].items() <= \
+        docs["StatefulSet"]["spec"]["template"]["metadata"]["labels"].items()
+    assert policy["policyTypes"] == ["Ingress"]
+    (rule,) = policy["ingress"]
+    (source,) = rule["from"]
+    for group, template in _pod_templates(rs).items():
+        assert source["podSelector"]["matchLabels"].items() <= template["metadata"]["labels"].items(), group
+    assert [p["port"] for p in rule["ports"]] == [docs["Service"]["spec"]["ports"][0]["port"]]

