@@ -51,6 +51,21 @@ SIZES = {
 }
 
 
+def scale_weights(model, weight_scale: float, seed: int = 0):
+    """Re-draw every parameter of `model` in place: each matrix N(0, (weight_scale /
+    sqrt(fan_in))^2), each vector (biases, norm gains) N(0, (0.3 weight_scale)^2),
+    as the core tests' models are (scale 1 there); returns the model."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            std = weight_scale / max(1, p.shape[-1]) ** 0.5 if p.dim() > 1 else 0.3 * weight_scale
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+    model.refresh_fingerprint()
+    return model
+
+
 def write_random_models(
     root: str | Path,
     names: tuple[str, ...] = ("bsbr", "standard"),
@@ -59,9 +74,16 @@ def write_random_models(
     labels: list[str] | None = None,
     seed: int = 0,
     force: bool = False,
+    weight_scale: float | None = None,
 ) -> list[Path]:
     """Write untrained models `root/<name>` (arch = name; `standard-512` is the
-    standard arch reading the first 512 tokens). Refuses to overwrite unless force."""
+    standard arch reading the first 512 tokens). Refuses to overwrite unless force.
+
+    weight_scale None keeps the training initialisation (std 0.02), whose
+    logits are about 0.02 and nearly equal for every document. A number
+    re-draws the weights larger (`scale_weights`), so that documents' logits
+    differ, and a lost or doubled page moves them, by far more than float
+    rounding: the serve tests' equivalence checks use 3."""
     import torch
 
     from bsbr_core import ModelConfig, build_model, save_model
@@ -82,10 +104,14 @@ def write_random_models(
             max_length=max_length, **SIZES[size],
         )
         model = build_model(cfg).eval()
+        if weight_scale is not None:
+            scale_weights(model, weight_scale, seed + i)
         save_model(model, tok, out)
-        (out / "metrics.json").write_text(json.dumps(
-            {"trained": False, "note": "random initialisation for development; predictions are meaningless",
-             "size": size, "seed": seed + i}, indent=2) + "\n")
+        record = {"trained": False, "note": "random initialisation for development; predictions are meaningless",
+                  "size": size, "seed": seed + i}
+        if weight_scale is not None:
+            record["weight_scale"] = weight_scale
+        (out / "metrics.json").write_text(json.dumps(record, indent=2) + "\n")
         (out / "README.md").write_text(
             f"# {name} (UNTRAINED)\n\nRandom-init `{arch}` classifier written by "
             "`bsbr-serve init-models --random` for development and tests. Its predictions "

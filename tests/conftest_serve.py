@@ -28,6 +28,11 @@ PAGE_TOKENS = 64
 MAX_PDF_PAGES = 200
 PDF_TIMEOUT_S = 8.0
 PDF_MEMORY_BYTES = 512 << 20
+# The serve tests' equivalence tolerance (one-shot, session, stream and
+# in-process logits agree within it), and the weight scale of their models:
+# large enough that a document's logits, and a lost page, show far above it.
+LOGIT_TOL = 1e-4
+WEIGHT_SCALE = 3.0
 
 _singletons: dict[str, object] = {}
 
@@ -59,12 +64,40 @@ def document(n_pages: int, words_per_page: int = 20, seed: int = 0) -> list[str]
     return [sample_text(rng, words_per_page) for _ in range(n_pages)]
 
 
+def logit_spread(path: Path) -> dict[str, float]:
+    """How far the model at `path` tells documents apart, in its one-shot logits:
+    `across_documents`, the smallest over labels of the std across 8 documents
+    of 4 pages, and `lost_page`, the largest move of a 30-page document's
+    logits when one of its pages (about 24 tokens) is left out."""
+    import torch
+
+    from bsbr_core import load_model
+
+    model, tok = load_model(path)
+
+    def logits(pages: list[str]) -> torch.Tensor:
+        ids = [i for p in pages for i in tok.encode(p, add_special_tokens=False).ids]
+        with torch.no_grad():
+            return model(torch.tensor([ids]))[0].double()
+
+    docs = torch.stack([logits(document(4, seed=100 + k)) for k in range(8)])
+    pages = document(30, words_per_page=8, seed=7)
+    lost = logits(pages[:15] + pages[16:]) - logits(pages)
+    return {"across_documents": float(docs.std(0).min()), "lost_page": float(lost.abs().max())}
+
+
 @pytest.fixture(scope="session")
 def dev_models(tmp_path_factory) -> Path:
-    """Tiny random-init bsbr and standard models (milliseconds per page)."""
+    """Tiny random bsbr and standard models (milliseconds per page), with weights
+    large enough that the equivalence checks (LOGIT_TOL) mean something: the
+    training initialisation gives every document logits of about 0.02, and
+    losing one of 30 pages moved them by only 8-12x the tolerance. A flat model fails here."""
     if "models" not in _singletons:
         root = tmp_path_factory.mktemp("models")
-        write_random_models(root, ("bsbr", "standard"), size="tiny")
+        write_random_models(root, ("bsbr", "standard"), size="tiny", weight_scale=WEIGHT_SCALE)
+        for name in ("bsbr", "standard"):
+            spread = logit_spread(root / name)
+            assert min(spread.values()) > 100 * LOGIT_TOL, f"{name}: logits too flat to test equivalence: {spread}"
         _singletons["models"] = root
     return _singletons["models"]  # type: ignore[return-value]
 
