@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
 import torch
 from conftest_serve import (
+    LOGIT_TOL,
     MAX_BODY_BYTES,
     MAX_SESSIONS,
     PAGE_TOKENS,
     STANDARD_MAX_TOKENS,
+    app_args,
     document,
 )
 
@@ -98,7 +101,7 @@ def test_fifty_page_session_and_stream_give_the_one_shot_answer(client, serve_cl
     pages = document(50, words_per_page=8, seed=7)  # fits the standard model's limit
     ref, labels = reference_logits(serve_cluster["models"], model, pages)
     one = client.post("/v1/classify", json={"model": model, "pages": pages}).json()
-    assert (vec(labels, one["logits"]) - ref).abs().max() <= 1e-4
+    assert (vec(labels, one["logits"]) - ref).abs().max() <= LOGIT_TOL
 
     sid = new_session(client, model)
     for i, p in enumerate(pages):
@@ -106,7 +109,7 @@ def test_fifty_page_session_and_stream_give_the_one_shot_answer(client, serve_cl
         assert r.status_code == 200, r.text
     last = r.json()
     assert last["seq"] == 49 and last["num_pages"] == 50 and last["num_tokens"] == one["num_tokens"]
-    assert (vec(labels, last["logits"]) - ref).abs().max() <= 1e-4
+    assert (vec(labels, last["logits"]) - ref).abs().max() <= LOGIT_TOL
     final = client.delete(f"/v1/sessions/{sid}").json()
     assert final["final"] is True and final["logits"] == last["logits"]
 
@@ -123,7 +126,7 @@ def test_fifty_page_session_and_stream_give_the_one_shot_answer(client, serve_cl
         lines = [json.loads(x) for x in s.iter_lines() if x.strip()]
     assert len(lines) == 51 and [x["seq"] for x in lines[:50]] == list(range(50))
     assert lines[-1]["final"] is True and not any(x["final"] for x in lines[:-1])
-    assert (vec(labels, lines[-1]["logits"]) - ref).abs().max() <= 1e-4
+    assert (vec(labels, lines[-1]["logits"]) - ref).abs().max() <= LOGIT_TOL
     assert lines[-1]["num_pages"] == 50
 
 
@@ -348,3 +351,182 @@ def test_stream_answers_each_page_before_the_next_is_sent(serve_cluster):
             data = s.recv(65536)
             assert data
             received += data
+
+
+# --- limits, readiness and resumes, on a second application ---------------------------------------
+#
+# What the shared application must not have: bsbr with one replica that takes
+# one request at a time and queues one more (max_queued_requests), no hot
+# cache (hot_max_bytes 0: every page after a session's first resumes from the
+# store), a store actor of its own, and a model `pending` whose replica no node
+# can place (a resource none has), so that it is never ready (a request naming
+# `pending` itself waits for a replica, as Serve's router does, with no 503:
+# only /readyz asks it here). Under /limits on the shared cluster; deleted,
+# and its store actor killed, after the module.
+
+LIMITS_APP = "bsbr-limits"
+NEVER_RESOURCE = "bsbr_test_no_node_has_this"
+
+
+@pytest.fixture(scope="module")
+def limits(serve_cluster):
+    """(client of /limits, its store actor's name)."""
+    import httpx
+    import ray
+    from ray import serve
+
+    from serve.app import build_app
+    from serve.store import RayActorSessionStore
+
+    models = serve_cluster["models"]
+    store_name = f"limits_store_{os.getpid()}"
+    args = app_args(models, store_name)
+    args["models"] = [
+        {"name": "bsbr", "path": str(models / "bsbr"), "num_replicas": 1, "page_tokens": PAGE_TOKENS,
+         "ray_actor_options": {"num_cpus": 0.25}, "max_ongoing_requests": 1, "max_queued_requests": 1},
+        {"name": "pending", "path": str(models / "standard"), "num_replicas": 1,
+         "ray_actor_options": {"num_cpus": 0.25, "resources": {NEVER_RESOURCE: 1}}},
+    ]
+    args["sessions"]["hot_max_bytes"] = 0
+    args["http"].update(ready_timeout_s=1.0)
+    # Not waiting for the application to run: `pending` never does.
+    serve.run_many([serve.RunTarget(build_app(args), name=LIMITS_APP, route_prefix="/limits")],
+                   wait_for_applications_running=False)
+    try:
+        with httpx.Client(base_url=serve_cluster["url"] + "/limits", timeout=120) as c:
+            deadline = time.time() + 120
+            while True:  # the ingress and bsbr answer (pending never will)
+                try:
+                    r = c.post("/v1/classify", json={"model": "bsbr", "text": "is anyone there"}, timeout=10)
+                    if r.status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.time() < deadline, "the limits application never answered"
+                time.sleep(0.5)
+            yield c, store_name
+    finally:
+        # Not waiting either: Serve gives the replica it never placed its whole
+        # graceful-shutdown timeout (20 s); the controller finishes without us.
+        serve.delete(LIMITS_APP, _blocking=False)
+        try:
+            ray.kill(ray.get_actor(store_name, namespace=RayActorSessionStore.NAMESPACE), no_restart=True)
+        except ValueError:  # never made, or already gone
+            pass
+
+
+def test_a_model_that_is_not_ready_makes_readyz_503_with_retry_after(limits):
+    c, _ = limits
+    r = c.get("/readyz")
+    assert_error(r, 503, "not_ready")
+    assert r.json()["models"] == {"bsbr": True, "pending": False}
+    assert int(r.headers["retry-after"]) >= 1
+    assert c.get("/healthz").status_code == 200  # alive, only not ready
+
+
+def _counter(text: str, name: str, **labels: str) -> dict[str, float]:
+    """Values of the series `name` with these labels, by their `source` label."""
+    import re
+
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.fullmatch(rf"{name}\{{(.*)\}} (\S+)", line)
+        if m is None:
+            continue
+        have = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+        if all(have.get(k) == v for k, v in labels.items()):
+            out[have.get("source", "")] = out.get(have.get("source", ""), 0.0) + float(m.group(2))
+    return out
+
+
+def test_pages_resumed_from_the_store_give_the_one_shot_answer_and_are_counted(limits, serve_cluster):
+    """No hot copy is kept here, so each page after the first is read from the
+    store's checkpoint chain: the answers stay the one-shot answer, and
+    bsbr_session_resumes_total{source="store"} counts every one (and "hot" none)."""
+    import httpx
+
+    c, _ = limits
+    pages = document(6, words_per_page=12, seed=41)
+    ref, labels = reference_logits(serve_cluster["models"], "bsbr", pages)
+    sid = new_session(c)
+    replicas = set()
+    for i, p in enumerate(pages):
+        r = c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]})
+        assert r.status_code == 200, r.text
+        replicas.add(r.headers["x-bsbr-replica"])
+    assert len(replicas) == 1  # one replica: not a move to another, a resume from the store
+    assert r.json()["num_pages"] == 6
+    assert (vec(labels, r.json()["logits"]) - ref).abs().max() <= LOGIT_TOL
+    assert c.delete(f"/v1/sessions/{sid}").status_code == 200
+
+    deadline = time.time() + 60  # Ray exports a replica's counters every few seconds
+    while True:
+        text = httpx.get(f"http://127.0.0.1:{serve_cluster['metrics_port']}/metrics", timeout=10).text
+        resumes = _counter(text, "ray_bsbr_session_resumes_total", application=LIMITS_APP, model="bsbr")
+        if resumes.get("store", 0) >= 5 or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert resumes.get("store") == 5 and resumes.get("hot", 0) == 0, resumes
+
+
+def test_a_burst_past_max_queued_requests_is_429_overloaded_with_retry_after(limits):
+    """bsbr here reads one document at a time and queues one more: of a burst of
+    8 at once, the rest are refused at once (429 overloaded), not queued or 500."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    c, _ = limits
+    pages = document(60, words_per_page=20, seed=42)  # long enough that the burst arrives while one is read
+    n = 8
+    start = threading.Barrier(n)
+
+    def one(_):
+        with httpx.Client(base_url=c.base_url, timeout=120) as ci:
+            start.wait()
+            return ci.post("/v1/classify", json={"model": "bsbr", "pages": pages})
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(n) as ex:
+        answers = list(ex.map(one, range(n)))
+    took = time.perf_counter() - t0
+    served = [r for r in answers if r.status_code == 200]
+    refused = [r for r in answers if r.status_code != 200]
+    assert served and refused, ([r.status_code for r in answers], took)
+    for r in refused:
+        assert_error(r, 429, "overloaded")
+        assert int(r.headers["retry-after"]) >= 1
+    assert all(r.json()["logits"] == served[0].json()["logits"] for r in served)
+    assert c.post("/v1/classify", json={"model": "bsbr", "pages": pages[:2]}).status_code == 200  # and it recovers
+
+
+def test_losing_the_store_actor_is_503_store_unavailable_not_500(limits):
+    """The default store is an actor: killed, a session request answers 503
+    store_unavailable with Retry-After; the next call makes a new, empty
+    actor, which knows none of the old sessions (404), and takes new ones."""
+    import ray
+
+    from serve.store import RayActorSessionStore
+
+    c, store_name = limits
+    sid = new_session(c)
+    assert c.post(f"/v1/sessions/{sid}/pages", json={"seq": 0, "text": "before"}).status_code == 200
+    actor = ray.get_actor(store_name, namespace=RayActorSessionStore.NAMESPACE)
+    ray.kill(actor, no_restart=True)
+    deadline = time.time() + 30
+    while True:  # until Ray reports it dead, so the replica's next call cannot reach it
+        try:
+            ray.get(actor.ping.remote(), timeout=5)
+        except ray.exceptions.RayActorError:
+            break
+        assert time.time() < deadline, "the store actor outlived ray.kill"
+        time.sleep(0.2)
+
+    r = c.post(f"/v1/sessions/{sid}/pages", json={"seq": 1, "text": "after"})
+    assert_error(r, 503, "store_unavailable")
+    assert int(r.headers["retry-after"]) >= 1
+    assert_error(c.post(f"/v1/sessions/{sid}/pages", json={"seq": 1, "text": "after"}), 404, "session_not_found")
+    fresh = new_session(c)
+    assert c.post(f"/v1/sessions/{fresh}/pages", json={"seq": 0, "text": "anew"}).status_code == 200
+    assert c.delete(f"/v1/sessions/{fresh}").status_code == 200
