@@ -1,4 +1,5 @@
-"""`bsbr-serve up` as a user runs it: a subprocess that becomes ready and stops on Ctrl-C."""
+"""`bsbr-serve up` as a user runs it: a subprocess that becomes ready, serves
+what its `--config` says, and stops on Ctrl-C."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from conftest_serve import free_port
 
 pytest_plugins = ["conftest_serve"]
@@ -19,13 +21,26 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent / "bsbr-serve"
 
 
-def test_up_answers_readyz_and_stops_cleanly_on_sigint(dev_models, tmp_path):
+def test_up_serves_what_its_config_says_and_stops_cleanly_on_sigint(dev_models, tmp_path):
+    """A Serve config (its first application's args) naming one of the two models
+    in dev_models, with its own page size, token limit, session limit and body limit."""
     port, metrics_port = free_port(), free_port()
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "bsbr", "route_prefix": "/", "import_path": "serve.app:build_app",
+        "args": {
+            "models": [{"name": "standard", "path": str(dev_models / "standard"), "num_replicas": 1,
+                        "page_tokens": 32, "max_tokens": 500, "ray_actor_options": {"num_cpus": 0.25}}],
+            "sessions": {"max_sessions": 2},
+            "http": {"max_body_bytes": 4096, "pdf_workers": 1},
+            "ingress": {"ray_actor_options": {"num_cpus": 0.25}},
+        },
+    }]}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = (tmp_path / "up.log").open("w")
     proc = subprocess.Popen(
         [str(BIN), "up", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-         "--models-dir", str(dev_models), "--object-store-mb", "150"],
+         "--config", str(config), "--object-store-mb", "150"],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     url = f"http://127.0.0.1:{port}"
@@ -47,8 +62,7 @@ def test_up_answers_readyz_and_stops_cleanly_on_sigint(dev_models, tmp_path):
             time.sleep(0.5)
             output = (tmp_path / "up.log").read_text()
         assert f"{url}/docs" in output and f"127.0.0.1:{metrics_port}/metrics" in output
-        r = httpx.post(f"{url}/v1/classify", json={"model": "bsbr", "text": "a page\fanother page"}, timeout=60)
-        assert r.status_code == 200 and r.json()["num_pages"] == 2
+        _serves_what_the_config_says(url)
         assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).status_code == 200
 
         proc.send_signal(signal.SIGINT)
@@ -62,3 +76,40 @@ def test_up_answers_readyz_and_stops_cleanly_on_sigint(dev_models, tmp_path):
             proc.kill()
             proc.wait(30)
         log.close()
+
+
+def _serves_what_the_config_says(url: str) -> None:
+    with httpx.Client(base_url=url, timeout=60) as c:
+        assert c.get("/readyz").json()["models"] == {"standard": True}
+        (model,) = c.get("/v1/models").json()["models"]  # dev_models holds bsbr too
+        assert (model["name"], model["page_tokens"], model["max_tokens"]) == ("standard", 32, 500)
+        r = c.post("/v1/classify", json={"model": "bsbr", "text": "a page"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
+        r = c.post("/v1/classify", json={"model": "standard", "text": "a page\fanother page"})
+        assert r.status_code == 200 and r.json()["num_pages"] == 2
+        words = "the kernel maps a page of memory " * 12  # no form feed: pages of 32 tokens
+        r = c.post("/v1/classify", json={"model": "standard", "text": words}).json()
+        assert r["num_tokens"] > 64 and r["num_pages"] == -(-r["num_tokens"] // 32)
+        r = c.post("/v1/classify", json={"model": "standard", "text": "x" * 5000})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+        r = c.post("/v1/classify", json={"model": "standard", "text": "page " * 800})  # under 4096 bytes
+        assert r.status_code == 413 and r.json()["error"]["code"] == "too_many_tokens"
+        made = [c.post("/v1/sessions", json={"model": "standard"}) for _ in range(3)]
+        assert [r.status_code for r in made] == [201, 201, 429]
+        assert made[2].json()["error"]["code"] == "too_many_sessions"
+        for r in made[:2]:
+            assert c.delete(f"/v1/sessions/{r.json()['session_id']}").status_code == 200
+
+
+def test_models_dir_serves_every_model_there(dev_models):
+    """Without --config, `up` serves each model directory of --models-dir (the
+    rest of its path is the one above)."""
+    import argparse
+
+    from serve.cli import load_app_args
+    from serve.config import AppConfig
+
+    args = load_app_args(argparse.Namespace(config=None, models_dir=dev_models))
+    cfg = AppConfig.model_validate(args).with_discovered_models()
+    assert [m.name for m in cfg.models] == ["bsbr", "standard"]
+    assert [Path(m.path) for m in cfg.models] == [dev_models / "bsbr", dev_models / "standard"]
