@@ -3,6 +3,7 @@ Prometheus (Debian's package) scraping it with deploy/'s config answers
 PromQL for per-page latency quantiles of both models."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -77,6 +78,19 @@ def busy(serve_cluster):
     t = Traffic(serve_cluster["url"])
     yield t
     t.finish()
+
+
+def test_a_failing_traffic_thread_fails_the_test():
+    """The thread's first failed call (here: no server at all) surfaces in the test."""
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    t = Traffic(url)
+    t.thread.join(30)
+    assert not t.thread.is_alive()
+    with pytest.raises(AssertionError, match="the traffic thread failed"):
+        t.check()
+    t.finish()  # reported once: the teardown does not raise it again
 
 
 def scrape(port: int) -> str:
