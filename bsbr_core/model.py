@@ -104,80 +104,85 @@ class Encoder(nn.Module):
         return self.norm(x), [[per_layer[li][i] for li in range(len(self.blocks))] for i in range(len(spans))]
 
 
-def _check_right_padded(mask: torch.Tensor) -> None:
+def check_right_padded(mask: torch.Tensor) -> None:
+    """InputError unless mask (b, n) bool is 1s for real tokens, then 0s."""
     lengths = mask.sum(1, keepdim=True)
     expected = torch.arange(mask.shape[1], device=mask.device)[None, :] < lengths
     if not torch.equal(mask, expected):
         raise InputError("attention_mask must be right-padded: 1s for real tokens, then 0s")
 
 
-class DocumentClassifier(nn.Module):
-    """Encoder + pooling + linear head; readable whole or in pieces.
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """InputError unless every id lies in [0, vocab_size)."""
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise InputError(f"token ids must lie in [0, {vocab_size})")
 
-    `fingerprint` names the config and the weights; it is computed on first
-    use (a State records it) and again after load_state_dict. Code that
-    changes weights in place after stepping calls refresh_fingerprint().
+
+def _part(name: str) -> property:
+    return property(lambda reader: getattr(reader.parts, name))
+
+
+class DocumentReader:
+    """Reads documents whole or in pieces with a carried State (docs/architecture.md 1.4)
+    through any encoder with `Encoder`'s call and return.
+
+    The streaming algorithm every backend shares: the torch classifier reads
+    with its own modules, the ONNX Runtime backend with an encoder that runs
+    graphs. Because the commit/pending logic, the pooling and the State are
+    this one code, a State made by one backend continues on another.
+
+    parts: the backend, read attribute by attribute when needed (so a later
+    `.to(device)` or weight change is seen):
+        config       ModelConfig
+        encoder      encoder(ids, pos0, mask, layer_states, commit, impl) -> (hidden (b, n, D), layer_states)
+                     and encoder.forward_ragged(ids, spans, doc_states, commit) (Encoder's)
+        pooling      a bsbr_core.pooling module
+        head         hidden (b, D) -> logits (b, num_labels)
+        fingerprint  names config and weights; States carry it
+        device       where ids and states go before the encoder sees them
     """
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.encoder = Encoder(cfg)
-        self.pooling = build_pooling(cfg.pooling, cfg.hidden_dim)
-        self.head = nn.Linear(cfg.hidden_dim, cfg.num_labels)
-        self.apply(self._init_weights)
-        self._fingerprint: str | None = None
+    def __init__(self, parts):
+        self.parts = parts
+
+    config = _part("config")
+    encoder = _part("encoder")
+    pooling = _part("pooling")
+    head = _part("head")
+    fingerprint = _part("fingerprint")
+    device = _part("device")
 
     @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
-            self._fingerprint = model_fingerprint(self.config, weights_digest(self.state_dict()))
-        return self._fingerprint
-
-    def refresh_fingerprint(self) -> str:
-        self._fingerprint = None
-        return self.fingerprint
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
-        self._fingerprint = None
-        return result
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def _segment(self) -> int:
+    def segment(self) -> int:
+        """Tokens per encoder call on long inputs: segment_tokens in whole blocks."""
         B = self.config.block_size
         return max(B, self.config.segment_tokens // B * B)
 
     # --- one-shot ----------------------------------------------------------
 
-    def forward(self, input_ids, attention_mask=None, impl: str = "fast"):
-        """input_ids (b, n) long, attention_mask (b, n) right-padded -> logits (b, num_labels).
-
-        Without autograd, long inputs run segment by segment through the
-        streaming state, so activation memory stays bounded by the segment.
-        """
+    def one_shot_inputs(self, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids cut to max_length, mask (b, n) bool) of a one-shot call; InputError
+        for a mask that is not right-padded."""
         cfg = self.config
         if cfg.max_length is not None:
             input_ids = input_ids[:, : cfg.max_length]
             attention_mask = None if attention_mask is None else attention_mask[:, : cfg.max_length]
         b, n = input_ids.shape
         if attention_mask is None:
-            mask = torch.ones(b, n, dtype=torch.bool, device=input_ids.device)
-        else:
-            mask = attention_mask.to(torch.bool)
-            _check_right_padded(mask)
-        seg = self._segment
+            return input_ids, torch.ones(b, n, dtype=torch.bool, device=input_ids.device)
+        mask = attention_mask.to(torch.bool)
+        check_right_padded(mask)
+        return input_ids, mask
+
+    def classify(self, input_ids, attention_mask=None, impl: str = "fast"):
+        """input_ids (b, n) long, attention_mask (b, n) right-padded -> logits (b, num_labels).
+
+        Without autograd, long inputs run segment by segment through the
+        streaming state, so activation memory stays bounded by the segment.
+        """
+        input_ids, mask = self.one_shot_inputs(input_ids, attention_mask)
+        b, n = input_ids.shape
+        seg = self.segment
         pool = self.pooling
         if impl == "naive" or torch.is_grad_enabled() or n <= seg:
             h, _ = self.encoder(input_ids, 0, None if bool(mask.all()) else mask, None, False, impl)
@@ -220,8 +225,7 @@ class DocumentClassifier(nn.Module):
             piece_ids = piece_ids[None]
         if piece_ids.shape[0] != state.batch_size:
             raise InputError(f"piece batch {piece_ids.shape[0]} != state batch {state.batch_size}")
-        if piece_ids.numel() and (int(piece_ids.min()) < 0 or int(piece_ids.max()) >= cfg.vocab_size):
-            raise InputError(f"token ids must lie in [0, {cfg.vocab_size})")
+        check_token_ids(piece_ids, cfg.vocab_size)
         if state.pending_ids.device != self.device:
             state = state.to(self.device)
         piece_ids = piece_ids.to(self.device)
@@ -239,7 +243,7 @@ class DocumentClassifier(nn.Module):
         n_commit = ids.shape[1] // cfg.block_size * cfg.block_size
         layers = state.layers or None
         pool, pool_sum = self.pooling, state.pool_sum
-        seg = self._segment
+        seg = self.segment
         for s in range(0, n_commit, seg):
             e = min(s + seg, n_commit)
             h, layers = self.encoder(ids[:, s:e], state.committed + s, None, layers, True)
@@ -274,7 +278,7 @@ class DocumentClassifier(nn.Module):
                 raise InputError("step_many takes single-document states")
             s, ids, num_tokens = self._next_tokens(torch.as_tensor(p, dtype=torch.long).reshape(1, -1), s)
             n_commit = ids.shape[1] // Bk * Bk
-            if n_commit > self._segment:
+            if n_commit > self.segment:
                 out[i] = self.step(pieces[i], states[i])
                 continue
             docs.append((i, ids, n_commit, s, num_tokens))
@@ -316,6 +320,77 @@ class DocumentClassifier(nn.Module):
             out[i] = (logits[row : row + 1], State(cfg.arch, self.fingerprint, num_tokens, s.committed + nc,
                                                   tail, ps, ls or []))
         return out
+
+
+class DocumentClassifier(nn.Module):
+    """Encoder + pooling + linear head; readable whole or in pieces (the torch backend).
+
+    Reading is `DocumentReader`'s, over this module's encoder, pooling and head.
+    `fingerprint` names the config and the weights; it is computed on first
+    use (a State records it) and again after load_state_dict. Code that
+    changes weights in place after stepping calls refresh_fingerprint().
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.pooling = build_pooling(cfg.pooling, cfg.hidden_dim)
+        self.head = nn.Linear(cfg.hidden_dim, cfg.num_labels)
+        self.apply(self._init_weights)
+        self._fingerprint: str | None = None
+
+    @property
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            self._fingerprint = model_fingerprint(self.config, weights_digest(self.state_dict()))
+        return self._fingerprint
+
+    def refresh_fingerprint(self) -> str:
+        self._fingerprint = None
+        return self.fingerprint
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._fingerprint = None
+        return result
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def parameter_count(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    @property
+    def reader(self) -> DocumentReader:
+        return DocumentReader(self)
+
+    def forward(self, input_ids, attention_mask=None, impl: str = "fast"):
+        """input_ids (b, n) long, attention_mask (b, n) right-padded -> logits (b, num_labels)."""
+        return self.reader.classify(input_ids, attention_mask, impl)
+
+    def init_state(self, batch_size: int = 1) -> State:
+        return self.reader.init_state(batch_size)
+
+    def check_state(self, state: State) -> None:
+        self.reader.check_state(state)
+
+    def step(self, piece_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """Read the next piece (b, m >= 0) of each document; return the running
+        logits (b, num_labels) and a new State (the given one stays valid)."""
+        return self.reader.step(piece_ids, state)
+
+    def step_many(self, pieces: list[torch.Tensor], states: list[State]) -> list[tuple[torch.Tensor, State]]:
+        """step() for several single-document states at once (see DocumentReader.step_many)."""
+        return self.reader.step_many(pieces, states)
 
 
 def build_model(cfg: ModelConfig) -> DocumentClassifier:

@@ -251,7 +251,7 @@ class Engine:
             "hidden_dim": c.hidden_dim, "num_layers": c.num_layers, "num_heads": c.num_heads,
             "vocab_size": c.vocab_size, "backend": self.spec.backend, "device": str(self.model.device),
             "trained": is_trained(self.spec.path),
-            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "parameters": self.model.parameter_count(),
             "card": self._card,
         }
 
@@ -467,36 +467,25 @@ def _replay_chain(chain: list[bytes]):
     return state
 
 
-def pick_device(spec_device: str) -> torch.device:
-    if spec_device == "cuda" or (spec_device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def load_engine(
     name: str, spec: ModelSpec, sessions: SessionConfig, store: SessionStore, metrics: EngineMetrics | None = None,
 ) -> Engine:
-    """Load the checkpoint at spec.path with its backend and wrap it in an Engine.
+    """Load the checkpoint at spec.path on its backend and wrap it in an Engine.
 
-    torch: on CUDA when the replica has a GPU (device auto). onnx: ONNX Runtime
-    graphs exported next to the checkpoint on first use (CUDA provider when
-    onnxruntime-gpu and a GPU are present); the model object is still a
-    bsbr_core DocumentClassifier, so states move between backends."""
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
-    if spec.backend == "torch":
-        from bsbr_core import load_model
+    The backend comes from bsbr_core's registry by name (bsbr_core.backends):
+    torch on CUDA when the replica has a GPU (device auto); onnx on ONNX
+    Runtime graphs exported next to the checkpoint on first use (CUDA provider
+    when onnxruntime-gpu and a GPU are present). Either way states are
+    bsbr_core States, so they move between backends. A backend nobody
+    registered, or one whose dependencies are missing here, is BackendUnsupported."""
+    from bsbr_core.backends import UnknownBackend, load_backend
+    from bsbr_core.tokenizer import load_tokenizer
 
-        model, tokenizer = load_model(spec.path, device=str(pick_device(spec.device)))
-    elif spec.backend == "onnx":
-        try:
-            from bsbr_core.onnx import load_onnx_model
-        except ImportError as e:
-            raise BackendUnsupported(f"model {name!r}: backend onnx is not available here: {e}") from None
-        from tokenizers import Tokenizer
-
-        model = load_onnx_model(spec.path, threads=spec.torch_threads)
-        tokenizer = Tokenizer.from_file(str(Path(spec.path) / "tokenizer.json"))
-    else:  # the config validates backend; keep the error for direct callers
-        raise BackendUnsupported(f"model {name!r}: unknown backend {spec.backend!r}; use torch or onnx")
+    try:
+        model = load_backend(spec.backend, spec.path, device=spec.device, threads=spec.torch_threads)
+    except UnknownBackend as e:
+        raise BackendUnsupported(f"model {name!r}: {e}") from None
+    except ImportError as e:
+        raise BackendUnsupported(f"model {name!r}: backend {spec.backend} is not available here: {e}") from None
+    tokenizer = load_tokenizer(Path(spec.path) / "tokenizer.json")
     return Engine(name, model, tokenizer, spec, sessions, store, metrics)

@@ -1,13 +1,16 @@
-"""Run exported graphs with ONNX Runtime behind the DocumentClassifier interface.
+"""The ONNX Runtime backend: exported graphs behind the backend interface (bsbr_core.backends).
 
-`OrtClassifier` is a DocumentClassifier whose encoder is `OrtEncoder`: the
-same call and return as `bsbr_core.model.Encoder`, computed by encoder.onnx.
-So `step`, `step_many`, `init_state`, `check_state` and the segment-by-segment
-one-shot path of long inputs are bsbr_core's own code, unchanged, and states
-are bsbr_core `State`s: a state made by the torch backend continues on this
-one and back. One-shot inputs up to `segment_tokens` run forward.onnx in one
-call. Tensors in and out are torch tensors on the CPU; the head (a D x labels
-linear layer) runs in torch.
+`OrtClassifier` composes what reading a checkpoint on ONNX Runtime takes:
+the two ORT sessions (encoder.onnx for pieces with a carried state,
+forward.onnx for one-shot inputs up to `segment_tokens`), the config, and
+the only weights that run in torch, the pooling and the linear head. No
+torch encoder is built. Reading in pieces is bsbr_core's own
+`DocumentReader` over `OrtEncoder` (the same call and return as
+`bsbr_core.model.Encoder`, computed by encoder.onnx), so `step`,
+`step_many`, `init_state`, `check_state` and the segment-by-segment one-shot
+path of long inputs are the torch backend's code, and states are bsbr_core
+`State`s: a state made by the torch backend continues on this one and back.
+Tensors in and out are torch tensors on the CPU.
 """
 from __future__ import annotations
 
@@ -24,14 +27,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsbr_core.config import ModelConfig
-from bsbr_core.errors import InputError
 from bsbr_core.io import load_config
-from bsbr_core.model import DocumentClassifier, _check_right_padded, build_model, model_fingerprint
+from bsbr_core.model import DocumentReader, build_model, check_token_ids, model_fingerprint
 from bsbr_core.onnx.export import (
     ENCODER_FILE, FORWARD_FILE, StaleGraphError, check_manifest, default_opset, export_onnx, weights_digest,
 )
 from bsbr_core.onnx.graphs import state_layout
-from bsbr_core.state import AppendLog
+from bsbr_core.pooling import build_pooling
+from bsbr_core.state import AppendLog, State
 
 try:
     import onnxruntime as ort
@@ -62,7 +65,7 @@ def default_providers() -> list:
     return ["CPUExecutionProvider"]
 
 
-def _session(path: Path, providers, threads: int | None) -> "ort.InferenceSession":
+def _session(path: Path, providers, threads: int | None) -> ort.InferenceSession:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3  # errors only: ORT warns about every Scan body it cannot fuse
@@ -81,23 +84,42 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").contiguous().numpy()
 
 
+def providers_for(device: str | torch.device | None) -> list:
+    """ONNX Runtime providers for a backend device: "cpu" the CPU only, "cuda"
+    CUDA (TF32 off) then CPU, "auto" or None `default_providers()`."""
+    device = None if device is None else str(device)
+    if device in (None, "auto"):
+        return default_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        return [("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]
+    raise ValueError(f"the ONNX backend runs on cpu, cuda or auto, not {device!r}")
+
+
 # --- the encoder on ONNX Runtime --------------------------------------------------------
 
-class OrtEncoder(nn.Module):
-    """`Encoder.forward(ids, pos0, mask, layer_states, commit, impl)` computed by encoder.onnx.
+class OrtEncoder:
+    """`Encoder(ids, pos0, mask, layer_states, commit, impl)` and
+    `Encoder.forward_ragged` computed by encoder.onnx.
 
     Pads the piece to whole chunks (masked), feeds the carried state as flat
-    tensors and folds the graph's new state parts back into the layer dicts
-    with bsbr_core's AppendLog, exactly as the torch attention modules do.
+    tensors (`layout`: graphs.state_layout) and folds the graph's new state
+    parts back into the layer dicts with bsbr_core's AppendLog, exactly as the
+    torch attention modules do. Nothing here depends on the mechanism beyond
+    the layout and the graph's own inputs and outputs.
     """
 
-    def __init__(self, session: "ort.InferenceSession", cfg: ModelConfig):
-        super().__init__()
+    def __init__(self, session: ort.InferenceSession, layout: list[tuple[str, str, tuple]], cfg: ModelConfig):
         self.session = session
-        self.cfg = cfg
-        self.layout = state_layout(cfg)
+        self.layout = layout
+        self.num_layers, self.hidden_dim, self.block_size = cfg.num_layers, cfg.hidden_dim, cfg.block_size
+        # A graph that keeps the last w keys (kind "window") is told how many of
+        # its w slots the carried state fills and where the piece's real tokens end.
+        self.windowed = {"window_count", "piece_length"} <= {i.name for i in session.get_inputs()}
 
-    def _feed(self, layer: dict | None, name: str, kind: str, shape: tuple, b: int) -> np.ndarray:
+    @staticmethod
+    def _feed(layer: dict | None, name: str, kind: str, shape: tuple, b: int) -> np.ndarray:
         value = None if layer is None else layer.get(name)
         if isinstance(value, AppendLog):
             value = value.view
@@ -109,26 +131,29 @@ class OrtEncoder(nn.Module):
             return np.zeros((b, *[0 if s == -1 else s for s in shape]), np.float32)
         return _np(value)
 
-    def forward(self, ids, pos0=0, mask=None, layer_states=None, commit=True, impl="fast"):
+    def _window_count(self, layer_states) -> int:
+        """Slots of the window the carried state fills (0 for a fresh document)."""
+        if not layer_states:
+            return 0
+        name = next(name for name, kind, _ in self.layout if kind == "window")
+        return layer_states[0][name].shape[2]
+
+    def __call__(self, ids, pos0=0, mask=None, layer_states=None, commit=True, impl="fast"):
         if impl != "fast":
             raise ValueError("the ONNX backend runs the fast form only")
-        cfg = self.cfg
         b, n = ids.shape
-        L = cfg.num_layers
-        if n == 0:  # DocumentClassifier never asks; keep the Encoder contract anyway
-            return torch.zeros(b, 0, cfg.hidden_dim), (layer_states if layer_states is not None else [None] * L)
-        B = cfg.block_size
-        pad = (-n) % B
+        L = self.num_layers
+        if n == 0:  # DocumentReader never asks; keep the Encoder contract anyway
+            return torch.zeros(b, 0, self.hidden_dim), (layer_states if layer_states is not None else [None] * L)
+        pad = (-n) % self.block_size
         real = torch.ones(b, n, dtype=torch.int64) if mask is None else mask.to("cpu", torch.int64)
         feeds = {
             "input_ids": _np(F.pad(ids.to("cpu", torch.int64), (0, pad))),
             "attention_mask": _np(F.pad(real, (0, pad))),
             "position": np.array(pos0, np.int64),
         }
-        carried = 0
-        if cfg.arch == "sliding_window":
-            if layer_states:
-                carried = layer_states[0]["K"].shape[2]
+        carried = self._window_count(layer_states) if self.windowed else 0
+        if self.windowed:
             feeds["window_count"] = np.array(carried, np.int64)
             feeds["piece_length"] = np.array(n, np.int64)
         for i in range(L):
@@ -143,17 +168,20 @@ class OrtEncoder(nn.Module):
         for i in range(L):
             old = layer_states[i] if layer_states else None
             layer = dict(old) if old else {}
-            for name, kind, _shape in self.layout:
+            for name, kind, shape in self.layout:
                 part = torch.from_numpy(outs[k])
                 k += 1
                 if kind == "log":
-                    # BSBR logs one entry per chunk, the KV cache one per token.
-                    entries = part if cfg.arch == "bsbr" else part[:, :, :n]
+                    # The graph logs the whole padded piece, one entry per chunk (BSBR's F
+                    # and h) or per token (a KV cache); keep those of the real tokens.
+                    tokens_per_entry = (n + pad) // part.shape[2]
+                    entries = -(-n // tokens_per_entry)
                     history = old[name] if old else AppendLog.empty(2)
-                    _, layer[name] = history.extend(entries, True)
+                    _, layer[name] = history.extend(part[:, :, :entries], True)
                 elif kind == "window":
-                    keep = min(cfg.window, carried + n)
-                    layer[name] = part[:, :, cfg.window - keep :]
+                    w = shape[1]
+                    keep = min(w, carried + n)
+                    layer[name] = part[:, :, w - keep :]
                 else:
                     layer[name] = part
             new_layers.append(layer)
@@ -165,49 +193,65 @@ class OrtEncoder(nn.Module):
         history length per call, so each document runs as its own call."""
         hidden, new_states = [], []
         for (s, e, pos0), layers in zip(spans, doc_states):
-            h, st = self.forward(ids[:, s:e], pos0, None, layers, commit)
+            h, st = self(ids[:, s:e], pos0, None, layers, commit)
             hidden.append(h)
             new_states.append(st)
         return torch.cat(hidden, dim=1), new_states
 
 
-# --- the classifier -----------------------------------------------------------------------
+# --- the backend --------------------------------------------------------------------------
 
-class OrtClassifier(DocumentClassifier):
-    """DocumentClassifier on ONNX Runtime: same config, fingerprint, call, step,
-    step_many and State as the torch model whose graphs are in onnx_dir.
+def _module_from(module: nn.Module, weights: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    """module with the checkpoint's `prefix.*` tensors loaded (all of them, strictly), for inference."""
+    module.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    return module.requires_grad_(False).eval()
 
-    head_state: the checkpoint's "head.weight" and "head.bias".
+
+class OrtClassifier:
+    """A checkpoint on ONNX Runtime (a bsbr_core.backends.Backend): the same
+    config, fingerprint, one-shot call, step, step_many and State as the torch
+    model whose graphs are in onnx_dir.
+
+    weights: the checkpoint's tensors (its state_dict); the pooling's and the
+        head's are kept, the rest are in the graphs and only counted.
     weights_sha256: the checkpoint's weights digest, checked against onnx.json
         (None skips that check, e.g. right after exporting).
     opset: if given, the graphs must have been exported for it.
     Raises StaleGraphError if the graphs do not belong to this checkpoint.
     """
 
-    def __init__(self, cfg: ModelConfig, onnx_dir: str | Path, head_state: dict[str, torch.Tensor],
+    device = torch.device("cpu")  # where ids, logits and states live; ORT may compute on CUDA
+
+    def __init__(self, cfg: ModelConfig, onnx_dir: str | Path, weights: dict[str, torch.Tensor],
                  weights_sha256: str | None, providers=None, threads: int | None = None, opset: int | None = None):
-        super().__init__(cfg)
-        # The fingerprint of the checkpoint's weights, not of the placeholder torch encoder.
-        self._fingerprint = model_fingerprint(cfg, weights_sha256 or weights_digest(head_state))
+        self.config = cfg
+        self.fingerprint = model_fingerprint(cfg, weights_sha256 or weights_digest(weights))
         self.onnx_dir = Path(onnx_dir)
         self.manifest = check_manifest(self.onnx_dir, cfg, self.fingerprint, weights_sha256, opset)
         providers = default_providers() if providers is None else providers
-        self.encoder = OrtEncoder(_session(self.onnx_dir / ENCODER_FILE, providers, threads), cfg)
+        self.encoder = OrtEncoder(_session(self.onnx_dir / ENCODER_FILE, providers, threads), state_layout(cfg), cfg)
         self._forward_session = _session(self.onnx_dir / FORWARD_FILE, providers, threads)
         self.providers = self._forward_session.get_providers()
-        self.head.load_state_dict({"weight": head_state["head.weight"], "bias": head_state["head.bias"]})
-        self.eval()
+        self.pooling = _module_from(build_pooling(cfg.pooling, cfg.hidden_dim), weights, "pooling.")
+        self.head = _module_from(nn.Linear(cfg.hidden_dim, cfg.num_labels), weights, "head.")
+        self._parameter_count = sum(t.numel() for t in weights.values())
+        self.reader = DocumentReader(self)
 
     @classmethod
-    def from_model(cls, model: DocumentClassifier, onnx_dir: str | Path, providers=None,
-                   threads: int | None = None, opset: int | None = None) -> "OrtClassifier":
-        """Export `model` into onnx_dir (opset: see export_onnx) and run it there."""
-        digest = weights_digest(model.state_dict())
+    def from_model(cls, model, onnx_dir: str | Path, providers=None,
+                   threads: int | None = None, opset: int | None = None) -> OrtClassifier:
+        """Export `model` (a DocumentClassifier) into onnx_dir (opset: see export_onnx) and run it there."""
+        weights = model.state_dict()
+        digest = weights_digest(weights)
         export_onnx(model, onnx_dir, digest, opset)
-        return cls(model.config, onnx_dir, model.state_dict(), digest, providers, threads)
+        return cls(model.config, onnx_dir, weights, digest, providers, threads)
+
+    def parameter_count(self) -> int:
+        """The checkpoint's parameters, all of them (most run inside the graphs)."""
+        return self._parameter_count
 
     @torch.no_grad()
-    def forward(self, input_ids, attention_mask=None, impl: str = "fast"):
+    def __call__(self, input_ids, attention_mask=None, impl: str = "fast") -> torch.Tensor:
         """input_ids (b, n), attention_mask (b, n) right-padded -> logits (b, num_labels).
 
         Up to segment_tokens: one call of forward.onnx. Longer: segment by
@@ -216,24 +260,26 @@ class OrtClassifier(DocumentClassifier):
         """
         if impl != "fast":
             raise ValueError("the ONNX backend runs the fast form only")
-        cfg = self.config
         input_ids = torch.as_tensor(input_ids, dtype=torch.long).to("cpu")
-        if cfg.max_length is not None:
-            input_ids = input_ids[:, : cfg.max_length]
-            attention_mask = None if attention_mask is None else attention_mask[:, : cfg.max_length]
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size):
-            raise InputError(f"token ids must lie in [0, {cfg.vocab_size})")
-        b, n = input_ids.shape
-        if attention_mask is None:
-            mask = torch.ones(b, n, dtype=torch.int64)
-        else:
-            mask = torch.as_tensor(attention_mask).to("cpu")
-            _check_right_padded(mask.to(torch.bool))
-            mask = mask.to(torch.int64)
-        if n > self._segment:
-            return super().forward(input_ids, mask)
-        (logits,) = self._forward_session.run(None, {"input_ids": _np(input_ids), "attention_mask": _np(mask)})
+        mask = None if attention_mask is None else torch.as_tensor(attention_mask).to("cpu")
+        input_ids, mask = self.reader.one_shot_inputs(input_ids, mask)
+        check_token_ids(input_ids, self.config.vocab_size)  # the graph's Gather would not
+        if input_ids.shape[1] > self.reader.segment:
+            return self.reader.classify(input_ids, mask)
+        (logits,) = self._forward_session.run(None, {"input_ids": _np(input_ids), "attention_mask": _np(mask.long())})
         return torch.from_numpy(logits)
+
+    def init_state(self, batch_size: int = 1) -> State:
+        return self.reader.init_state(batch_size)
+
+    def check_state(self, state: State) -> None:
+        self.reader.check_state(state)
+
+    def step(self, piece_ids: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        return self.reader.step(piece_ids, state)
+
+    def step_many(self, pieces: list[torch.Tensor], states: list[State]) -> list[tuple[torch.Tensor, State]]:
+        return self.reader.step_many(pieces, states)
 
 
 # --- loading a checkpoint ------------------------------------------------------------------
@@ -307,3 +353,12 @@ def load_onnx_model(model_dir: str | Path, providers=None, export_if_missing: bo
             export_onnx(model.eval(), onnx_dir, digest, opset)
         return OrtClassifier(cfg, onnx_dir, tensors, digest, providers, threads, opset)
 
+
+
+def load_onnx_backend(path: str | Path, device: str | torch.device = "auto", threads: int | None = None) -> OrtClassifier:
+    """The `onnx` loader of bsbr_core.backends: load_onnx_model on the providers
+    of `device` (providers_for). threads: ONNX Runtime's intra-op threads and
+    torch's, which run the pooling, the head and the state bookkeeping."""
+    if threads:
+        torch.set_num_threads(threads)
+    return load_onnx_model(path, providers=providers_for(device), threads=threads)
