@@ -87,8 +87,24 @@ def reset_peak() -> bool:
         return False
 
 
+def used_bytes(device: str = "cpu") -> int:
+    """Memory in use now: the process's RSS on the CPU, torch's allocated bytes on a GPU."""
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.memory_allocated(device)
+    return rss_bytes()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
 class Phases:
-    """Peak RSS of successive phases of the work in this process.
+    """Peak memory of successive phases of the work in this process.
 
         ph = Phases()
         with ph("forward"):
@@ -99,25 +115,41 @@ class Phases:
 
     before / after: RSS when the phase began / ended; peak: the highest RSS
     during the phase (or, without reset support, in the process so far).
+    On a GPU device the same from torch's allocator (memory_allocated,
+    max_memory_allocated reset at each phase): the GPU memory, not the RSS.
     """
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
         self.record: dict = {}
         self.resettable = True
+        self.device = device
 
     @contextmanager
     def __call__(self, name: str):
         import gc
 
         gc.collect()
-        before = rss_bytes()
-        self.resettable = reset_peak() and self.resettable
+        cuda = self.device.startswith("cuda")
+        if cuda:
+            import torch
+
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.resettable = reset_peak() and self.resettable
+        before = used_bytes(self.device)
         yield
-        self.record[name] = {"before": before, "peak": max(peak_bytes(), before), "after": rss_bytes()}
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        else:
+            peak = peak_bytes()
+        self.record[name] = {"before": before, "peak": max(peak, before), "after": used_bytes(self.device)}
         self.record["peak_reset"] = self.resettable
 
 
-def training_step_point(model: dict, batch: int, n: int, optimizer: bool = True, seed: int = 0) -> dict:
+def training_step_point(model: dict, batch: int, n: int, optimizer: bool = True, seed: int = 0,
+                        device: str = "cpu") -> dict:
     """The memory of one training step, phase by phase (run it in a child process).
 
     model: ModelConfig fields (arch included). The model is built in train
@@ -138,6 +170,8 @@ def training_step_point(model: dict, batch: int, n: int, optimizer: bool = True,
       backward adds: parameter gradients and the backward's temporaries)
     - step_added: the highest RSS of the step less the RSS before its forward
     - step_peak: the highest RSS of the step less the RSS after the imports
+    On a GPU device: the same from torch's allocator (GPU memory in use, so
+    the "after the imports" baseline is 0).
     """
     import gc
 
@@ -146,16 +180,16 @@ def training_step_point(model: dict, batch: int, n: int, optimizer: bool = True,
 
     from bsbr_core import ModelConfig, build_model
 
-    interpreter = rss_bytes()
+    interpreter = used_bytes(device)
     torch.manual_seed(seed)
     cfg = ModelConfig(**model)
-    net = build_model(cfg).train()
+    net = build_model(cfg).to(device).train()
     opt = torch.optim.AdamW(net.parameters(), lr=1e-4) if optimizer else None
     g = torch.Generator().manual_seed(seed + n)
 
     def data(b, m):
-        return (torch.randint(0, cfg.vocab_size, (b, m), generator=g),
-                torch.randint(0, cfg.num_labels, (b,), generator=g))
+        return (torch.randint(0, cfg.vocab_size, (b, m), generator=g).to(device),
+                torch.randint(0, cfg.num_labels, (b,), generator=g).to(device))
 
     ids, y = data(1, min(n, 2 * cfg.block_size))  # warm-up
     F.cross_entropy(net(ids), y).backward()
@@ -164,22 +198,25 @@ def training_step_point(model: dict, batch: int, n: int, optimizer: bool = True,
     net.zero_grad(set_to_none=True)
     del ids, y
     gc.collect()
-    before = rss_bytes()
+    before = used_bytes(device)
     ids, y = data(batch, n)
-    ph = Phases()
+    ph = Phases(device)
     seconds = {}
     with ph("forward"):
         t = time.perf_counter()
         loss = F.cross_entropy(net(ids).float(), y)
+        _sync(device)
         seconds["forward"] = time.perf_counter() - t
     with ph("backward"):
         t = time.perf_counter()
         loss.backward()
+        _sync(device)
         seconds["backward"] = time.perf_counter() - t
     if opt is not None:
         with ph("optimizer"):
             t = time.perf_counter()
             opt.step()
+            _sync(device)
             seconds["optimizer"] = time.perf_counter() - t
     ok = bool(torch.isfinite(loss)) and all(p.grad is None or bool(torch.isfinite(p.grad).all())
                                             for p in net.parameters())
@@ -190,6 +227,7 @@ def training_step_point(model: dict, batch: int, n: int, optimizer: bool = True,
     top = max(rec[k]["peak"] for k in ("forward", "backward", "optimizer") if k in rec)
     return {
         "arch": cfg.arch, "batch": batch, "n": n, "optimizer": "AdamW" if optimizer else None, "finite": ok,
+        "device": device, "memory_kind": "cuda allocator" if device.startswith("cuda") else "RSS",
         "threads": torch.get_num_threads(), "parameters": params, "parameter_bytes": params * 4,
         "grad_tensor_bytes": grad_tensor_bytes,
         "phases": rec, "interpreter_rss_bytes": interpreter, "before_forward_rss_bytes": before,

@@ -45,7 +45,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from experiments.memory import GIB, Phases, rss_bytes, run_point
+from experiments.memory import GIB, Phases, _sync, run_point, used_bytes
 
 REFERENCE = dict(vocab_size=16384, hidden_dim=256, num_layers=4, num_heads=4, ff_dim=1024, chunk_size=128,
                  labels=[f"c{i}" for i in range(17)], window=256)
@@ -158,32 +158,33 @@ def matmul_gflops(size: int = 2048, reps: int = 5) -> float:
 
 # --- one point (run in a child process by experiments.memory.run_point) -------------
 
-def inference_point(model: dict, arch: str, n: int, reps: int, seed: int = 0) -> dict:
-    """Time the one-shot forward over n tokens and measure its peak RSS."""
+def inference_point(model: dict, arch: str, n: int, reps: int, seed: int = 0, device: str = "cpu") -> dict:
+    """Time the one-shot forward over n tokens and measure its peak RSS (GPU: torch's allocated memory)."""
     import torch
 
     from bsbr_core import ModelConfig, build_model
 
-    interpreter = rss_bytes()
+    interpreter = used_bytes(device)
     torch.manual_seed(seed)
-    m = build_model(ModelConfig(arch=arch, **model)).eval()
+    m = build_model(ModelConfig(arch=arch, **model)).to(device).eval()
     V = m.config.vocab_size
-    ph = Phases()
+    ph = Phases(device)
     with torch.inference_mode():
-        m(torch.randint(0, V, (1, min(n, 512))))  # warm up kernels on a small input
-        ids = torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(seed + n))
+        m(torch.randint(0, V, (1, min(n, 512)), device=device))  # warm up kernels on a small input
+        ids = torch.randint(0, V, (1, n), generator=torch.Generator().manual_seed(seed + n)).to(device)
         times, cpu = [], []
         with ph("forward"):
             for _ in range(reps):
                 t, c = time.perf_counter(), time.process_time()
                 logits = m(ids)
+                _sync(device)
                 times.append(time.perf_counter() - t)
                 cpu.append(time.process_time() - c)
         ok = bool(torch.isfinite(logits).all())
     f = ph.record["forward"]
     return {"arch": arch, "n": n, "reps": reps, "times_s": times, "time_s": statistics.median(times),
             "cpu_times_s": cpu, "cpu_time_s": statistics.median(cpu), "finite": ok,
-            "threads": torch.get_num_threads(), "interpreter_rss_bytes": interpreter,
+            "threads": torch.get_num_threads(), "device": device, "interpreter_rss_bytes": interpreter,
             "baseline_rss_bytes": f["before"], "peak_rss_bytes": f["peak"],
             "peak_added_bytes": f["peak"] - f["before"], "peak_reset": ph.record["peak_reset"]}
 
@@ -251,9 +252,9 @@ def _predict(points: list[tuple[int, float]], n: int) -> float | None:
 
 
 def measure(kind: str, arch: str, n: int, s: ScalingSettings, threads: int, work_dir: Path | None,
-            log=print, batch: int = 1) -> dict:
+            log=print, batch: int = 1, device: str = "cpu") -> dict:
     """One point: from the cache (see the module docstring) or measured now."""
-    key = {"kind": kind, "arch": arch, "n": n, "batch": batch, "model": s.model, "threads": threads,
+    key = {"kind": kind, "arch": arch, "n": n, "batch": batch, "model": s.model, "threads": threads, "device": device,
            "reps": _reps(n, s) if kind == "inference" else None, "seed": s.seed, "isolate": s.isolate}
     cache = None if work_dir is None else work_dir / kind / f"{arch}_{batch}x{n}.json"
     thr = load_threshold(threads)
@@ -265,11 +266,12 @@ def measure(kind: str, arch: str, n: int, s: ScalingSettings, threads: int, work
     before = _loadavg()
     if kind == "inference":
         row = run_point("experiments.scaling:inference_point",
-                        dict(model=s.model, arch=arch, n=n, reps=key["reps"], seed=s.seed),
+                        dict(model=s.model, arch=arch, n=n, reps=key["reps"], seed=s.seed, device=device),
                         threads=threads, timeout=s.timeout_s, isolate=s.isolate)
     else:
         row = run_point("experiments.memory:training_step_point",
-                        dict(model={**s.model, "arch": arch}, batch=batch, n=n, optimizer=False, seed=s.seed),
+                        dict(model={**s.model, "arch": arch}, batch=batch, n=n, optimizer=False, seed=s.seed,
+                             device=device),
                         threads=threads, timeout=s.timeout_s, isolate=s.isolate)
     after = _loadavg()
     row.update(arch=arch, n=n, batch=batch, key=key, load_before=before, load_after=after,
@@ -301,7 +303,8 @@ def _describe(kind: str, r: dict) -> str:
             f"bwd {r['backward_s']:.2f} s)  load {r['load_before'][0]:.2f}{mark}")
 
 
-def sweep(kind: str, s: ScalingSettings, threads: int, work_dir: Path | None, log=print) -> tuple[list, list]:
+def sweep(kind: str, s: ScalingSettings, threads: int, work_dir: Path | None, log=print,
+          device: str = "cpu") -> tuple[list, list]:
     """Every arch's points of one kind ("inference" or "training"), skipping
     the ones predicted to pass the time or memory cap. Returns (rows, skipped)."""
     rows, skipped = [], []
@@ -321,13 +324,13 @@ def sweep(kind: str, s: ScalingSettings, threads: int, work_dir: Path | None, lo
                     why = f"predicted {t:.0f} s > {s.max_point_s:.0f} s"
                 elif mem is not None and mem > s.mem_cap_gib * GIB:
                     why = f"predicted {mem / GIB:.1f} GiB > {s.mem_cap_gib:g} GiB"
-                elif mem is not None and mem > _available_bytes():
+                elif mem is not None and device == "cpu" and mem > _available_bytes():
                     why = f"predicted {mem / GIB:.1f} GiB > {_available_bytes() / GIB:.1f} GiB available now"
                 if why:
                     skipped += [{"kind": kind, "arch": arch, "n": m, "reason": why} for m in lengths[i:]]
                     log(f"{kind:>9} {arch:>15} skips n >= {n}: {why}")
                     break
-            row = measure(kind, arch, n, s, threads, work_dir, log)
+            row = measure(kind, arch, n, s, threads, work_dir, log, device=device)
             rows.append(row)
             if "error" in row:
                 skipped += [{"kind": kind, "arch": arch, "n": m, "reason": f"n = {n} failed"} for m in lengths[i + 1:]]
@@ -355,8 +358,8 @@ def run(s: ScalingSettings, ctx) -> dict:
     threads = s.threads or torch.get_num_threads()
     ctx.log(f"inference and training-step memory of {', '.join(s.archs)}; {threads} torch thread(s) per point")
     peak = matmul_gflops()
-    inf_rows, inf_skipped = sweep("inference", s, threads, ctx.work_dir, ctx.log)
-    tr_rows, tr_skipped = sweep("training", s, threads, ctx.work_dir, ctx.log)
+    inf_rows, inf_skipped = sweep("inference", s, threads, ctx.work_dir, ctx.log, ctx.device)
+    tr_rows, tr_skipped = sweep("training", s, threads, ctx.work_dir, ctx.log, ctx.device)
     for r in inf_rows:
         if "gflops_per_s" in r:
             r["fraction_of_matmul_peak"] = r["gflops_per_s"] / peak

@@ -82,7 +82,7 @@ METRICS = (("step_peak_bytes", "peak"), ("gradient_bytes", "gradient"), ("activa
 
 def _point(arch: str, batch: int, n: int, s: TrainingMemorySettings, model: dict, threads: int, ctx) -> dict:
     key = {"arch": arch, "batch": batch, "n": n, "model": model, "optimizer": s.optimizer, "seed": s.seed,
-           "threads": threads, "isolate": s.isolate}
+           "threads": threads, "isolate": s.isolate, "device": ctx.device}
     cache = ctx.work_dir / f"{arch}_{batch}x{n}.json"
     if cache.is_file():
         row = json.loads(cache.read_text())
@@ -93,7 +93,7 @@ def _point(arch: str, batch: int, n: int, s: TrainingMemorySettings, model: dict
     before = _loadavg()
     row = run_point("experiments.memory:training_step_point",
                     {"model": {**model, "arch": arch}, "batch": batch, "n": n, "optimizer": s.optimizer,
-                     "seed": s.seed}, threads=threads, timeout=s.timeout_s, isolate=s.isolate)
+                     "seed": s.seed, "device": ctx.device}, threads=threads, timeout=s.timeout_s, isolate=s.isolate)
     row.update(arch=arch, batch=batch, n=n, key=key, load_before=before, load_after=_loadavg())
     if "error" not in row:
         cache.write_text(json.dumps(row, indent=1) + "\n")
@@ -118,7 +118,7 @@ def run(s: TrainingMemorySettings, ctx) -> dict:
         for batch, n in shapes:
             tokens = batch * n
             pred = _predict([(r["batch"] * r["n"], r["step_peak_rss_bytes"]) for r in done], tokens)
-            if pred is not None and (pred > s.mem_cap_gib * GIB or pred > _available_bytes()):
+            if pred is not None and (pred > s.mem_cap_gib * GIB or (ctx.device == "cpu" and pred > _available_bytes())):
                 skipped.append({"arch": arch, "batch": batch, "n": n,
                                 "reason": f"predicted {pred / GIB:.1f} GiB > the cap ({s.mem_cap_gib:g} GiB) "
                                           "or the memory available"})
