@@ -44,6 +44,7 @@ import json
 import math
 import os
 import random
+import textwrap
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -360,13 +361,14 @@ def vocabulary_tokenizer(vocab: Sequence[str]):
 # -- scores ------------------------------------------------------------------------
 
 
-def grouped_bootstrap_ci(correct: Sequence[bool], groups: Sequence[str], n_boot: int, seed: int,
+def grouped_bootstrap_ci(values: Sequence[float], groups: Sequence[str], n_boot: int, seed: int,
                          level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the accuracy, resampling groups (all
-    items of a group together); with one item per group, the plain bootstrap."""
-    by_group: dict[str, list[int]] = {}
-    for c, g in zip(correct, groups):
-        by_group.setdefault(g, []).append(int(c))
+    """Percentile bootstrap interval of the mean of per-item values (correct:
+    the accuracy; correct_a - correct_b: a paired difference), resampling
+    groups (all items of a group together); one item a group: the plain bootstrap."""
+    by_group: dict[str, list[float]] = {}
+    for c, g in zip(values, groups):
+        by_group.setdefault(g, []).append(float(c))
     sums = [(sum(v), len(v)) for v in by_group.values()]
     rng = random.Random(seed)
     vals = []
@@ -454,6 +456,15 @@ def run(s: MultimodalSettings, ctx) -> dict:
                                                 "train_items", "validation_items", "test_items", "test_groups",
                                                 "tokens_per_item", "train_cpu_s_this_run", "resumes",
                                                 "load_average_before", "load_average_after")}}
+    for t in s.tasks:
+        if "bsbr" in results[t] and "standard" in results[t]:
+            # Both archs score the same test items: the difference's interval resamples them once for both.
+            rb, rs = rows[(t, "bsbr")], rows[(t, "standard")]
+            diff = [int(p == y) - int(q == y) for y, p, q in zip(rb["test_labels"], rb["test_predictions"],
+                                                                  rs["test_predictions"])]
+            results[t]["bsbr_minus_standard"] = {
+                "accuracy": sum(diff) / len(diff),
+                "accuracy_ci": list(grouped_bootstrap_ci(diff, tasks[t].test_groups, s.bootstrap, s.seed))}
     joint = tasks["joint"]
     t_parts, j_parts = joint.test_parts
     ceilings = single_modality_ceilings(t_parts, j_parts, joint.splits["test"].labels)
@@ -462,11 +473,17 @@ def run(s: MultimodalSettings, ctx) -> dict:
         "vocab_size": len(vocab), "text_source": s.text_source, "tasks": results,
         "image_count": sum(len(tasks["image"].splits[sp]) for sp in ("train", "validation", "test")),
         "joint_ceilings": ceilings, "majority_rate": chance,
+        "text_unk_rate": {sp: _unk_rate(tasks["text"].splits[sp].docs, vocab.index(UNK))
+                          for sp in ("train", "validation", "test")},
         "test_counts": {t: len(tasks[t].splits["test"]) for t in TASKS},
     }
     _plot_accuracy(out, ctx.out_dir / "multimodal.png")
     _plot_example(s, vocab, tasks, ctx.out_dir / "multimodal_example.png")
     return out
+
+
+def _unk_rate(docs: Sequence[torch.Tensor], unk: int) -> float:
+    return sum(int((d == unk).sum()) for d in docs) / max(1, sum(d.numel() for d in docs))
 
 
 def _majority_rate(labels: Sequence[int]) -> float:
@@ -483,7 +500,7 @@ def _plot_accuracy(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(out["tasks"])
-    archs = sorted({a for t in tasks for a in out["tasks"][t]}, key=lambda a: ARCHS.index(a) if a in ARCHS else 99)
+    archs = [a for a in ARCHS if any(a in out["tasks"][t] for t in tasks)]
     fig, ax = plt.subplots(figsize=(7, 5.2))
     width = 0.8 / max(1, len(archs))
     for i, a in enumerate(archs):
@@ -494,10 +511,10 @@ def _plot_accuracy(out: dict, path: Path) -> None:
         bars = ax.bar(xs, acc, width, yerr=err, capsize=3, label=f"{a} (measured, 95% interval)")
         claim = CLAIMS["accuracy"].get(a, {})
         ax.scatter([x for x, t in zip(xs, tasks) if t in claim], [claim[t] for t in tasks if t in claim],
-                   marker="_", s=400, color=bars[0].get_facecolor(), zorder=3, linewidths=2.5)
+                   marker="D", s=36, color=bars[0].get_facecolor(), edgecolors="k", zorder=5)
         for x, v in zip(xs, acc):
             ax.text(x, 0.02, f"{v:.2f}", ha="center", va="bottom", fontsize=7, color="white")
-    ax.scatter([], [], marker="_", s=200, color="gray", label="the page's claim")
+    ax.scatter([], [], marker="D", s=36, color="white", edgecolors="k", label="the page's claim (arch's colour)")
     for j, t in enumerate(tasks):
         ax.hlines(out["majority_rate"][t], j - 0.45, j + 0.45, colors="gray", linestyles="-.", lw=1,
                   label="majority class of the test set" if j == 0 else None)
@@ -510,7 +527,8 @@ def _plot_accuracy(out: dict, path: Path) -> None:
     ax.set_xticklabels([f"{t}\n({out['test_counts'][t]} test items)" for t in tasks])
     ax.set_ylabel("test accuracy")
     ax.set_ylim(0, 1.05)
-    ax.set_title(f"multimodal ({out['text_source']} text, digits as pixel tokens), small and synthetic", fontsize=9)
+    source = out["text_source"].replace("_", "-")
+    ax.set_title(f"multimodal ({source} text, digits as pixel tokens), small and synthetic", fontsize=9)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -543,9 +561,12 @@ def _plot_example(s: MultimodalSettings, vocab: list[str], tasks: dict, path: Pa
         ax.set_yticks([])
     ax2 = fig.add_subplot(grid[0, 2])
     ax2.axis("off")
-    text = " ".join(vocab[t].split(":", 1)[-1] for t in seq[: min(cut, 60)].tolist())
-    ax2.text(0, 1, f"text: {doc_path}, first {cut} tokens (as the shared vocabulary names them):\n\n"
-             + "\n".join(text[k : k + 70] for k in range(0, min(len(text), 490), 70)) + " ...",
+    # Byte-level pieces shown as text (a leading space is stored as G-dot, a newline as C-dot).
+    pieces = ["<UNK>" if t == vocab.index(UNK) else vocab[t].split(":", 1)[-1].replace("\u0120", " ")
+              .replace("\u010a", "\n") for t in seq[:cut].tolist()]
+    lines = [w for line in "".join(pieces).split("\n") if line.strip() for w in textwrap.wrap(line, 72)]
+    ax2.text(0, 1, f"text: {doc_path}, its first {cut} tokens\n(<UNK>: outside the shared vocabulary)\n\n"
+             + "\n".join(lines[:14]) + ("\n..." if len(lines) > 14 else ""),
              va="top", fontsize=6.5, family="monospace", transform=ax2.transAxes)
     # The sequence as one strip: text tokens blue, SEP red, pixel tokens by intensity.
     rgb = torch.ones(len(seq), 3)
@@ -575,7 +596,8 @@ def report(record: dict) -> str:
     text_what = (f"kernel-docs documents of {' and '.join(f'`{c}`' for c in s['text_classes'])} (the corpus's "
                  f"train / validation / test splits), label-naming `Documentation/<class>/` mentions masked, tokenised "
                  f"with models/bsbr's tokenizer and cut to their first {s['text_tokens']} tokens; the "
-                 f"{s['text_vocab']} most frequent tokens of the training texts keep their own id, the rest share UNK"
+                 f"{s['text_vocab']} most frequent tokens of the training texts keep their own id, the rest share UNK "
+                 f"({r['text_unk_rate']['test']:.0%} of the test texts' tokens)"
                  if r["text_source"] == "kernel_docs" else
                  "a synthetic stand-in (no corpus): sentences of two classes, each word drawn from the class's fixed "
                  f"word list or a shared list, {s['text_tokens']} words each")
@@ -624,19 +646,24 @@ def report(record: dict) -> str:
         wall = sum(r["tasks"][t][a]["train_wall_s"] for t in tasks if a in r["tasks"][t])
         cpu = sum(r["tasks"][t][a].get("train_cpu_s_this_run", 0) for t in tasks if a in r["tasks"][t])
         lines.append(f"| {a} | " + " | ".join(cells) + f" | {wall / 60:.1f} / {cpu / 60:.1f} |")
+    diffs = [r["tasks"][t].get("bsbr_minus_standard") for t in tasks]
+    if all(diffs):
+        lines.append("| BSBR - standard (paired) | " + " | ".join(
+            f"{d['accuracy']:+.3f} [{d['accuracy_ci'][0]:+.2f}, {d['accuracy_ci'][1]:+.2f}]" for d in diffs) + " | |")
     if "joint" in r["tasks"]:
         lines += ["", "Joint predictions taken apart (fraction of test pairs whose predicted text class / digit is "
                   "right): " + "; ".join(f"{a} {x['text_part_accuracy']:.3f} / {x['digit_part_accuracy']:.3f}"
-                                          for a, x in r["tasks"]["joint"].items()) + "."]
-    loads = [x[k][0] for t in tasks for x in r["tasks"][t].values()
+                                          for a, x in r["tasks"]["joint"].items() if a in ARCHS) + "."]
+    loads = [x[k][0] for t in tasks for a, x in r["tasks"][t].items() if a in ARCHS
              for k in ("load_average_before", "load_average_after") if k in x]
     if loads:
         cpus = record["machine"]["cpus"]
         lines += ["", (f"Trainings ran on one torch thread each while the machine's 1-minute load average was "
                        f"{min(loads):.1f} to {max(loads):.1f} ({cpus} CPUs): the wall times are those of a "
                        + ("loaded" if max(loads) > 0.75 * cpus else "quiet") + " machine; the CPU times count the "
-                       "training process only, in the run that wrote this record (0 for a training it found "
-                       "finished).")]
+                       "training process only (as recorded when each training ran; a resumed one counts the part "
+                       "after resuming). The wall time above is the run that wrote this record, which reuses "
+                       "finished trainings.")]
     lines += ["", "Majority-class rate of each test set: "
               + ", ".join(f"{t} {v:.3f}" for t, v in r["majority_rate"].items()) + ".", "",
               "![accuracy by task and arch](../experiments/results/multimodal.png)",
@@ -652,22 +679,25 @@ def verdict(r: dict) -> str:
     for t, rows in tasks.items():
         if "bsbr" not in rows or "standard" not in rows:
             continue
-        b, st = rows["bsbr"], rows["standard"]
-        overlap = b["accuracy_ci"][0] <= st["accuracy_ci"][1] and st["accuracy_ci"][0] <= b["accuracy_ci"][1]
-        diff = b["accuracy"] - st["accuracy"]
+        b, st, d = rows["bsbr"], rows["standard"], rows["bsbr_minus_standard"]
+        lo, hi = d["accuracy_ci"]
         out.append(f"{t}: BSBR {b['accuracy']:.3f} vs standard {st['accuracy']:.3f} (claimed "
                    f"{CLAIMS['accuracy']['bsbr'][t]} vs {CLAIMS['accuracy']['standard'][t]}); "
-                   + ("BSBR ahead" if diff > 0 else "standard ahead" if diff < 0 else "a tie")
-                   + (", within overlapping intervals" if overlap else ", the intervals apart") + ".")
+                   + ("BSBR ahead" if d["accuracy"] > 0 else "standard ahead" if d["accuracy"] < 0 else "a tie")
+                   + f" by {abs(d['accuracy']):.3f} (paired 95% interval of BSBR - standard [{lo:+.3f}, {hi:+.3f}]: "
+                   + ("significant" if lo > 0 or hi < 0 else "not significant") + ").")
     if "joint" in tasks:
         ceiling = max(r["joint_ceilings"].values())
-        above = [a for a, x in tasks["joint"].items() if x["accuracy_ci"][0] > ceiling]
-        out.append(f"On the joint task {', '.join(above) if above else 'no arch'} beats the best single-modality "
-                   f"ceiling ({ceiling:.3f}) with its whole interval, so "
-                   + ("it reads both parts of the sequence." if above else "reading both parts is not shown."))
+        archs = [a for a in tasks["joint"] if a in ARCHS]
+        above = [a for a in archs if tasks["joint"][a]["accuracy_ci"][0] > ceiling]
+        out.append(f"On the joint task {' and '.join(above) if above else 'no arch'} "
+                   + ("beats" if len(above) == 1 else "beat") + " the best single-modality ceiling "
+                   f"({ceiling:.3f}) with the whole interval, so "
+                   + ("the model reads both parts of the sequence." if len(above) == 1 else
+                      "both read both parts of the sequence." if above else "reading both parts is not shown."))
     ahead = [t for t, rows in tasks.items() if "bsbr" in rows and "standard" in rows
              and rows["bsbr"]["accuracy"] > rows["standard"]["accuracy"]]
-    meets = [f"{a} {t}" for t, rows in tasks.items() for a, x in rows.items()
+    meets = [f"{a} {t}" for t, rows in tasks.items() for a, x in rows.items() if a in ARCHS
              if a in CLAIMS["accuracy"] and x["accuracy"] >= CLAIMS["accuracy"][a][t]]
     out.append(f"The page's ordering (BSBR ahead on every task) holds here on {len(ahead)} of {len(tasks)} tasks"
                + (f" ({', '.join(ahead)})" if ahead else "") + "; the page's levels are reached by "

@@ -208,6 +208,10 @@ def test_smoke_rerun_reuses_the_trainings_and_the_saved_model_gives_the_predicti
     assert tok.token_to_id(mm.SEP) == SMOKE.levels
     ceilings = first["results"]["joint_ceilings"]
     assert ceilings == pytest.approx(mm.single_modality_ceilings(*tasks["joint"].test_parts, test.labels))
+    for rows in first["results"]["tasks"].values():
+        d = rows["bsbr_minus_standard"]
+        assert d["accuracy"] == pytest.approx(rows["bsbr"]["accuracy"] - rows["standard"]["accuracy"], abs=1e-6)
+        assert d["accuracy_ci"][0] <= d["accuracy"] <= d["accuracy_ci"][1]
     section = mm.report(first)
     assert "Small and synthetic: exactly what it is." in section and "synthetic stand-in" in section
     assert "0.92 / 0.88 / 0.85" in section
@@ -217,15 +221,22 @@ def test_verdict_follows_the_measured_values():
     def row(acc, lo, hi):
         return {"accuracy": acc, "accuracy_ci": [lo, hi]}
 
-    r = {"tasks": {"text": {"bsbr": row(0.80, 0.75, 0.85), "standard": row(0.95, 0.9, 0.99)},
-                   "image": {"bsbr": row(0.90, 0.85, 0.94), "standard": row(0.88, 0.84, 0.92)},
-                   "joint": {"bsbr": row(0.70, 0.64, 0.76), "standard": row(0.50, 0.44, 0.57)}},
+    r = {"tasks": {"text": {"bsbr": row(0.80, 0.75, 0.85), "standard": row(0.95, 0.9, 0.99),
+                            "bsbr_minus_standard": row(-0.15, -0.2, -0.1)},
+                   "image": {"bsbr": row(0.90, 0.85, 0.94), "standard": row(0.88, 0.84, 0.92),
+                             "bsbr_minus_standard": row(0.02, -0.01, 0.05)},
+                   "joint": {"bsbr": row(0.70, 0.64, 0.76), "standard": row(0.50, 0.44, 0.57),
+                             "bsbr_minus_standard": row(0.2, 0.1, 0.3)}},
          "joint_ceilings": {"text_only": 0.2, "image_only": 0.6}}
     v = mm.verdict(r)
-    assert "text: BSBR 0.800 vs standard 0.950 (claimed 0.92 vs 0.89); standard ahead, the intervals apart" in v
-    assert "image: BSBR 0.900 vs standard 0.880" in v and "BSBR ahead, within overlapping intervals" in v
+    assert ("text: BSBR 0.800 vs standard 0.950 (claimed 0.92 vs 0.89); standard ahead by 0.150 (paired 95% "
+            "interval of BSBR - standard [-0.200, -0.100]: significant)") in v
+    assert "image: BSBR 0.900 vs standard 0.880" in v and "BSBR ahead by 0.020" in v and "not significant" in v
     assert "On the joint task bsbr beats the best single-modality ceiling (0.600)" in v
     assert "holds here on 2 of 3 tasks (image, joint)" in v
     assert "the page's levels are reached by standard text, bsbr image, standard image." in v
     r["tasks"]["joint"]["bsbr"] = row(0.70, 0.58, 0.76)
-    assert "no arch beats" in mm.verdict(r)
+    assert "no arch beat" in mm.verdict(r)
+    r["tasks"]["joint"]["standard"] = row(0.70, 0.62, 0.76)
+    r["tasks"]["joint"]["bsbr"] = row(0.70, 0.62, 0.76)
+    assert "bsbr and standard beat" in mm.verdict(r)
