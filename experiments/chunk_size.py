@@ -221,4 +221,7 @@ def verdict(r: dict, s: dict) -> str:
                  + ("Within the page's accuracy range (0.85-0.93) for every B."
                     if lo >= 0.85 and hi <= 0.93 else "The page's accuracy range 0.85-0.93 is not what is measured "
                     "here (a different task and size; what carries over is the ordering).") )
+    from experiments.compression import learnt_sentence
+
+    parts.append(learnt_sentence(per_b, "B"))
     return " ".join(parts)
