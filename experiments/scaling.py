@@ -488,7 +488,8 @@ def report(record: dict) -> str:
         "**The page's claim.** BSBR O(n) time, standard O(n^2); peak memory 0.5-3.3 GB (BSBR) vs 1-32 GB "
         "(standard); gradient memory 0.3-1.8 GB vs 0.8-25.6 GB, at 64-2048 tokens.",
         "",
-        "**Measured: inference** (seconds, ratio to BSBR in this run, peak RSS of the process in GiB):",
+        "**Measured: inference** (seconds, ratio to BSBR in this run; peak RSS of the process in GiB, and in "
+        "brackets its addition over the RSS after model load and warm-up):",
         "",
         "| n | " + " | ".join(archs) + " |",
         "|---:|" + "---:|" * len(archs),
@@ -503,7 +504,7 @@ def report(record: dict) -> str:
                 continue
             ratio = "" if a == "bsbr" or ("bsbr", n) not in inf else f" ({row['time_s'] / inf[('bsbr', n)]['time_s']:.2f}x)"
             cells.append(f"{row['time_s']:.3g} s{ratio}{' †' if row.get('loaded') else ''}, "
-                         f"{_gib(row['peak_rss_bytes'] / GIB)}")
+                         f"{_gib(row['peak_rss_bytes'] / GIB)} (+{_gib(row['peak_added_bytes'] / GIB)})")
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "FLOPs of one forward (analytic, GFLOP):", "",
               "| n | " + " | ".join(archs) + " |", "|---:|" + "---:|" * len(archs)]
@@ -541,6 +542,10 @@ def verdict(r: dict) -> str:
     if over:
         out.append("The linear-time baselines take at most " + ", ".join(f"{a} {x:.2f}x" for a, x in over.items())
                    + " BSBR's time at any length measured" + (" (some points under load)." if sm["any_loaded"] else "."))
+    b, st = sm["peak_added_gib_64_to_2048"].get("bsbr"), sm["peak_added_gib_64_to_2048"].get("standard")
+    if b and st:
+        out.append(f"What the forward itself adds to the loaded model at 64-2048 tokens: BSBR {_range(b)} GiB, "
+                   f"standard {_range(st)} GiB; the rest of the peak is the interpreter, torch and the weights.")
     for key, claim, name in (("peak_memory_gib_64_to_2048", "peak_memory_gb_64_to_2048", "Peak inference memory"),
                              ("gradient_memory_gib_64_to_2048", "gradient_memory_gb_64_to_2048", "Gradient memory")):
         b, st = sm[key].get("bsbr"), sm[key].get("standard")
@@ -549,6 +554,7 @@ def verdict(r: dict) -> str:
             out.append(f"{name} at 64-2048 tokens: BSBR {_range(b)} GiB, standard {_range(st)} GiB (page: "
                        f"{c['bsbr'][0]}-{c['bsbr'][1]} vs {c['standard'][0]}-{c['standard'][1]} GB); "
                        + ("standard needs more than BSBR here" if st[1] > 1.2 * b[1] else
+                          "BSBR needs more than standard here" if b[1] > 1.2 * st[1] else
                           "the two are within 20% of each other here, so the page's gap does not appear at these lengths")
                        + ".")
     return " ".join(out) if out else "Not enough results to say."
