@@ -90,27 +90,31 @@ class DeltaNetAttention(Attention):
         kc = pad_seq(k, pad).view(b, H, C, B, d)
         vc = pad_seq(v, pad).view(b, H, C, B, d)
         bc = pad_seq(beta, pad, dim=-1).view(b, H, C, B, 1)
+        # Chunks as one batch of N matrices (views: no copies), so that each
+        # product writes its result straight into the tensor the next one reads.
+        N = b * H * C
         kt = kc.transpose(-1, -2)
         bkv = bc * torch.cat([kc, vc], dim=-1)  # diag(b) [K | V]
         # [W | U] = T diag(b) [K | V]: one T for both; inv_unit_lower reads only
         # the strictly lower triangle of diag(b) K K^T, so it needs no mask.
         WU = inv_unit_lower(bkv[..., :d] @ kt) @ bkv
-        W, U = WU[..., :d], WU[..., d:]
-        # S_next = M S + K^T U with M = I - K^T W: both for every chunk in one product.
-        KWU = kt @ WU  # (b, H, C, d, 2d)
-        eye = torch.eye(d, dtype=q.dtype, device=q.device)
-        M = (eye - KWU[..., :d]).permute(2, 0, 1, 3, 4).reshape(C, b * H, d, d)
-        KU = KWU[..., d:].permute(2, 0, 1, 3, 4).reshape(C, b * H, d, d)
+        W, U = WU[..., :d].reshape(N, B, d), WU[..., d:].reshape(N, B, d)
+        kt = kt.reshape(N, d, B)
+        # S_next = M S + K^T U with M = I - K^T W, for every chunk at once; the loop is one matmul a chunk.
+        eye = torch.eye(d, dtype=q.dtype, device=q.device).expand(N, d, d)
+        M = torch.baddbmm(eye, kt, W, alpha=-1).view(b * H, C, d, d)
+        KU = torch.bmm(kt, U).view(b * H, C, d, d)
         S = S.reshape(b * H, d, d)
         entering = []
         for c in range(C):
             entering.append(S)
-            S = torch.baddbmm(KU[c], M[c], S)
-        S0 = torch.stack(entering, 1).view(b, H, C, d, d)  # the state entering each chunk
-        E = U - W @ S0
-        lower = torch.ones(B, B, dtype=torch.bool, device=q.device).tril()
-        QK = torch.where(lower, qc @ kt, 0.0)  # inclusive: o_t uses S_t
-        o = (qc @ S0 + QK @ E).view(b, H, C * B, d)[:, :, :n]
+            S = torch.baddbmm(KU[:, c], M[:, c], S)
+        S0 = torch.stack(entering, 1).view(N, d, d)  # the state entering each chunk
+        E = torch.baddbmm(U, W, S0, alpha=-1)  # U - W S0
+        qc = qc.reshape(N, B, d)
+        upper = torch.ones(B, B, dtype=torch.bool, device=q.device).triu(1)
+        QK = torch.bmm(qc, kt).masked_fill_(upper, 0.0)  # inclusive: o_t uses S_t
+        o = torch.baddbmm(torch.bmm(qc, S0), QK, E).view(b, H, C * B, d)[:, :, :n]
         return o, ({"S": S.view(b, H, d, d)} if commit else state)
 
     def naive(self, q, k, v, x, mask, state=None, pos0=0):
