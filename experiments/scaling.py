@@ -29,8 +29,9 @@ Reference size (docs/architecture.md 2): hidden 256, 4 heads, 4 layers, ff
   1-minute load average (before or after) is above the benchmark's own
   torch threads + 0.5 is marked `"loaded": true` (its timing is not
   trustworthy; its memory is). Finished points are cached in the work
-  folder; a loaded timing point is measured again when the command is
-  rerun on a quiet machine.
+  folder (keyed by the settings and a digest of the mechanism's code); a
+  loaded timing point is measured again when the command is rerun on a
+  quiet machine.
 - A point predicted (by extrapolating the mechanism's last two points) to
   take longer than `max_point_s` or to need more than `mem_cap_gib` is not
   run, and the longer ones neither; the results list them as skipped.
@@ -251,11 +252,25 @@ def _predict(points: list[tuple[int, float]], n: int) -> float | None:
     return y2 * (n / n2) ** slope
 
 
+def code_version(arch: str) -> str:
+    """A digest of the code a point of `arch` runs (its mechanism, the shared
+    attention frame, the model), so that a cached point measured with other
+    code is measured again."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1] / "bsbr_core"
+    h = hashlib.sha256()
+    for f in (root / "attention" / f"{arch}.py", root / "attention" / "base.py", root / "model.py"):
+        h.update(f.read_bytes() if f.is_file() else b"")
+    return h.hexdigest()[:12]
+
+
 def measure(kind: str, arch: str, n: int, s: ScalingSettings, threads: int, work_dir: Path | None,
             log=print, batch: int = 1, device: str = "cpu") -> dict:
     """One point: from the cache (see the module docstring) or measured now."""
     key = {"kind": kind, "arch": arch, "n": n, "batch": batch, "model": s.model, "threads": threads, "device": device,
-           "reps": _reps(n, s) if kind == "inference" else None, "seed": s.seed, "isolate": s.isolate}
+           "reps": _reps(n, s) if kind == "inference" else None, "seed": s.seed, "isolate": s.isolate,
+           "code": code_version(arch)}
     cache = None if work_dir is None else work_dir / kind / f"{arch}_{batch}x{n}.json"
     thr = load_threshold(threads)
     if cache is not None and cache.is_file():

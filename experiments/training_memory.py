@@ -81,8 +81,10 @@ METRICS = (("step_peak_bytes", "peak"), ("gradient_bytes", "gradient"), ("activa
 
 
 def _point(arch: str, batch: int, n: int, s: TrainingMemorySettings, model: dict, threads: int, ctx) -> dict:
+    from experiments.scaling import code_version
+
     key = {"arch": arch, "batch": batch, "n": n, "model": model, "optimizer": s.optimizer, "seed": s.seed,
-           "threads": threads, "isolate": s.isolate, "device": ctx.device}
+           "threads": threads, "isolate": s.isolate, "device": ctx.device, "code": code_version(arch)}
     cache = ctx.work_dir / f"{arch}_{batch}x{n}.json"
     if cache.is_file():
         row = json.loads(cache.read_text())

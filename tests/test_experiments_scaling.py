@@ -106,6 +106,10 @@ def test_points_under_load_are_marked_and_remeasured_when_the_machine_is_quiet(t
     assert calls.count("experiments.memory:training_step_point") == 1
     cached = json.loads((tmp_path / "inference" / "bsbr_1x32.json").read_text())
     assert cached["time_s"] == row["time_s"]
+    # Other code (a changed mechanism): measured again.
+    monkeypatch.setattr(scaling, "code_version", lambda arch: "changed")
+    scaling.measure("training", "bsbr", 32, s, 1, tmp_path, log=lambda m: None)
+    assert calls.count("experiments.memory:training_step_point") == 2
 
 
 def test_points_predicted_past_the_time_cap_are_skipped(monkeypatch):
