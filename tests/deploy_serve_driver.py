@@ -52,11 +52,14 @@ def main() -> int:
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
-    # Metrics exported every second instead of every ten: Ray at 10x speed.
-    # The environment (not _system_config) reaches every Ray process, the
-    # metrics agent included, so gauges age out after 2 intervals as they do
-    # in production.
-    os.environ["RAY_metrics_report_interval_ms"] = "1000"
+    # Metrics exported every 3 s instead of every 10. The environment (not
+    # _system_config) reaches every Ray process, the metrics agent included,
+    # so gauges age out after 2 intervals as they do in production. The
+    # interval must stay above half the replicas' health-check period (5 s):
+    # Serve sets ray_serve_deployment_replica_healthy at each health check,
+    # and at 1 s that gauge aged out between checks (2 s of life every 5 s),
+    # so the dashboard test saw it only by luck.
+    os.environ["RAY_metrics_report_interval_ms"] = "3000"
     from serve.cli import _patient_proxy_start
 
     _patient_proxy_start()

@@ -45,7 +45,7 @@ APP = "bsbr-serve"
 # What Grafana substitutes for the dashboard's variables when "All" is chosen
 # and the time range is a few minutes.
 # Seconds without traffic before the checks (see `scraped`).
-IDLE_S = 8
+IDLE_S = 8  # > two export intervals (3 s each, tests/deploy_serve_driver.py)
 
 GRAFANA_VARS = {"$model": ".*", "$mode": ".*", "$__rate_interval": "1m", "$__range": "5m"}
 
@@ -275,7 +275,7 @@ def scraped(prometheus_binary, cpu_profile, tmp_path_factory):
             ' and count(sum by (model) (increase(ray_bsbr_request_latency_seconds_count[1m])) > 0) == 2'
             ' and count(sum by (model) (increase(ray_bsbr_errors_total[1m])) > 0) == 2'), timeout=120)
         # Stay idle for longer than Ray keeps an un-refreshed gauge (two export
-        # intervals, here 2 s): a gauge that is set only when it changes
+        # intervals, here 6 s): a gauge that is set only when it changes
         # (sessions, store limit) must still be there, as on a quiet night in
         # production. Recording rules evaluate every second meanwhile.
         time.sleep(IDLE_S)
