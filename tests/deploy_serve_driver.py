@@ -54,12 +54,16 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.update(now=True))
     # Metrics exported every 3 s instead of every 10. The environment (not
     # _system_config) reaches every Ray process, the metrics agent included,
-    # so gauges age out after 2 intervals as they do in production. The
-    # interval must stay above half the replicas' health-check period (5 s):
-    # Serve sets ray_serve_deployment_replica_healthy at each health check,
-    # and at 1 s that gauge aged out between checks (2 s of life every 5 s),
-    # so the dashboard test saw it only by luck.
+    # so gauges age out after 2 intervals (6 s) as they do in production.
+    # Serve's controller re-sets an unchanged status gauge, such as
+    # ray_serve_deployment_replica_healthy, only every
+    # RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S (10 s by default, which the
+    # 20 s ageing of production's 10 s interval covers): with the shorter
+    # export interval the series lived 6 s of every 10, and the dashboard
+    # test failed whenever its query fell in the gap. So the controller
+    # re-sets it every second here, well inside the ageing.
     os.environ["RAY_metrics_report_interval_ms"] = "3000"
+    os.environ["RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S"] = "1"
     from serve.cli import _patient_proxy_start
 
     _patient_proxy_start()

@@ -46,6 +46,9 @@ APP = "bsbr-serve"
 # and the time range is a few minutes.
 # Seconds without traffic before the checks (see `scraped`).
 IDLE_S = 8  # > two export intervals (3 s each, tests/deploy_serve_driver.py)
+# > Serve's default RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S (10 s): a window
+# in which a health gauge re-set that rarely would show a gap
+HEALTH_WINDOW_S = 12
 
 GRAFANA_VARS = {"$model": ".*", "$mode": ".*", "$__rate_interval": "1m", "$__range": "5m"}
 
@@ -268,6 +271,7 @@ def scraped(prometheus_binary, cpu_profile, tmp_path_factory):
         send_traffic(cpu_profile["base"])
         wait_for("first samples of every model", lambda: prom.has(
             'count(count by (model) (ray_bsbr_pages_total{model=~"bsbr|standard"})) == 2'), timeout=120)
+        first_samples = time.monotonic()
         time.sleep(3)  # a few scrapes of the first values
         send_traffic(cpu_profile["base"])
         wait_for("rates after the second round", lambda: prom.has(
@@ -279,6 +283,7 @@ def scraped(prometheus_binary, cpu_profile, tmp_path_factory):
         # (sessions, store limit) must still be there, as on a quiet night in
         # production. Recording rules evaluate every second meanwhile.
         time.sleep(IDLE_S)
+        time.sleep(max(0.0, HEALTH_WINDOW_S + 1 - (time.monotonic() - first_samples)))
         yield prom
     finally:
         prom.stop()
@@ -316,6 +321,20 @@ def test_every_dashboard_panel_returns_data(scraped):
             if not any(r["metric"].get(label) for r in result):
                 problems.append(f"{title} [{ref}]: no series carries label {label!r}")
     assert not problems, "dashboard queries without data:\n  " + "\n  ".join(problems)
+
+
+def test_replica_health_gauge_is_there_at_every_scrape(scraped):
+    # Serve's controller re-sets an unchanged ray_serve_deployment_replica_healthy
+    # only every RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S. Where that is longer
+    # than Ray keeps an un-refreshed gauge, the series has gaps, and in them
+    # the health panel is empty and the no-healthy-replica alert cannot fire.
+    # Prometheus scrapes every second: a series present throughout has about
+    # one sample a second.
+    result = scraped.query(f"count_over_time(ray_serve_deployment_replica_healthy[{HEALTH_WINDOW_S}s])")
+    assert result, "ray_serve_deployment_replica_healthy not exported"
+    gappy = {r["metric"].get("deployment"): float(r["value"][1]) for r in result
+             if float(r["value"][1]) < HEALTH_WINDOW_S - 2}
+    assert not gappy, f"samples in the last {HEALTH_WINDOW_S} s, per series (want ~{HEALTH_WINDOW_S}): {gappy}"
 
 
 def rules() -> list[dict]:
