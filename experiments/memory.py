@@ -87,6 +87,20 @@ def reset_peak() -> bool:
         return False
 
 
+def release_free_memory() -> bool:
+    """Give the C allocator's free pages back to the OS (glibc's malloc_trim),
+    so the RSS is what is live. Without it a long-lived process (a test run,
+    a notebook) keeps freed heap pages resident, and a later allocation that
+    reuses them raises no RSS: the phase would seem to allocate nothing.
+    False where the C library has no malloc_trim."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL(None).malloc_trim(0)) or True
+    except (OSError, AttributeError):
+        return False
+
+
 def used_bytes(device: str = "cpu") -> int:
     """Memory in use now: the process's RSS on the CPU, torch's allocated bytes on a GPU."""
     if device.startswith("cuda"):
@@ -115,6 +129,8 @@ class Phases:
 
     before / after: RSS when the phase began / ended; peak: the highest RSS
     during the phase (or, without reset support, in the process so far).
+    Each phase first hands the C heap's free pages back to the OS
+    (`release_free_memory`), so memory the phase takes from them counts.
     On a GPU device the same from torch's allocator (memory_allocated,
     max_memory_allocated reset at each phase): the GPU memory, not the RSS.
     """
@@ -136,6 +152,7 @@ class Phases:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            release_free_memory()
             self.resettable = reset_peak() and self.resettable
         before = used_bytes(self.device)
         yield
