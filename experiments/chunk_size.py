@@ -146,15 +146,26 @@ def _plot(per_b: dict, s: ChunkSizeSettings, path) -> None:
         m = [(per_b[str(B)]["cost"][str(n)].get("peak_bytes") or 0) / 2**30 for B in Bs]
         ax_t.plot(Bs, t, "o-", label=f"n = {n}")
         ax_m.plot(Bs, m, "o-", label=f"n = {n}")
-    for D in per_b[str(Bs[0])]["accuracy"]:
-        ax_a.errorbar(Bs, [per_b[str(B)]["accuracy"][D] for B in Bs], yerr=[per_b[str(B)]["accuracy_std"][D] for B in Bs],
-                      fmt="o-", capsize=3, label=f"D = {D}")
-    for ax, title in ((ax_t, "forward time (s)"), (ax_m, "peak memory above baseline (GiB)"),
-                      (ax_a, "recall test accuracy (mean +- std over seeds)")):
+    ablation_axes(fig, (ax_t, ax_m, ax_a), per_b, "chunk size B", ("forward time (s)", "peak memory above baseline (GiB)"),
+                  path)
+
+
+def ablation_axes(fig, axes, per_x: dict, xlabel: str, titles: tuple[str, str], path) -> None:
+    """The last of `axes` gets the recall accuracy (mean +- std over seeds) per
+    distance; all get a log2 x axis over the variants and a title (`titles`
+    for the first two). Saves the figure to `path`. Shared with compression."""
+    import matplotlib.pyplot as plt
+
+    xs = [int(x) for x in per_x]
+    ax_a = axes[-1]
+    for D in per_x[str(xs[0])]["accuracy"]:
+        ax_a.errorbar(xs, [per_x[str(x)]["accuracy"][D] for x in xs],
+                      yerr=[per_x[str(x)]["accuracy_std"][D] for x in xs], fmt="o-", capsize=3, label=f"D = {D}")
+    for ax, title in zip(axes, (*titles, "recall test accuracy (mean +- std over seeds)")):
         ax.set_xscale("log", base=2)
-        ax.set_xticks(Bs)
-        ax.set_xticklabels([str(b) for b in Bs])
-        ax.set_xlabel("chunk size B")
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
+        ax.set_xlabel(xlabel)
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7)
     ax_a.set_ylim(0, 1.02)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from experiments.budget import Budget
 from experiments.chunk_size import (RECALL, RECALL_BUDGET, RECALL_MODEL, SMOKE_BUDGET, SMOKE_MODEL, SMOKE_RECALL,
-                                    SMOKE_REFERENCE, measure_cost, reference_config, train_variants)
+                                    SMOKE_REFERENCE, ablation_axes, measure_cost, reference_config, train_variants)
 
 CLAIMS = {
     "memory": {"1": 1.0, "2": 0.6, "4": 0.4, "8": 0.3},
@@ -121,21 +121,8 @@ def _plot(per_f: dict, s: CompressionSettings, path) -> None:
     for n in s.lengths:
         ax_m.plot(fs, [(per_f[str(f)]["cost"][str(n)].get("peak_bytes") or 0) / 2**30 for f in fs], "o-",
                   label=f"one-shot n = {n}")
-    for D in per_f[str(fs[0])]["accuracy"]:
-        ax_a.errorbar(fs, [per_f[str(f)]["accuracy"][D] for f in fs], yerr=[per_f[str(f)]["accuracy_std"][D] for f in fs],
-                      fmt="o-", capsize=3, label=f"D = {D}")
-    for ax, title in ((ax_s, "carried State"), (ax_m, "peak memory above baseline (GiB)"),
-                      (ax_a, "recall test accuracy (mean +- std over seeds)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(fs)
-        ax.set_xticklabels([str(f) for f in fs])
-        ax.set_xlabel("compression factor f")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    ax_a.set_ylim(0, 1.02)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    ablation_axes(fig, (ax_s, ax_m, ax_a), per_f, "compression factor f", ("carried State", "peak memory above baseline (GiB)"),
+                  path)
 
 
 def report(record: dict) -> str:
