@@ -10,7 +10,7 @@ ORT ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install install-test-tools test up bench clean
+.PHONY: install install-test-tools test up bench load clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 	# Without a GPU take the CPU build of torch this machine holds, before
 	# anything can pull a multi-GB CUDA build through the torch range.
 	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PIP) install -q torch==2.13.0; fi
-	$(PIP) install -q -e '.[$(ORT),test,redis,experiments]'
+	$(PIP) install -q -e '.[$(ORT),test,redis,experiments,load]'
 	touch $@
 
 # Debian tools the integration tests run for real: Prometheus + promtool
@@ -56,6 +56,13 @@ up: install
 
 bench: install
 	$(PY) bench/scaling.py
+
+# The soak: 32 clients for 10 minutes against `make up`'s server (started on
+# free ports, stopped after); writes bench/results/load.{json,png}.
+USERS ?= 32
+DURATION ?= 600
+load: install
+	$(PY) bench/load.py --users $(USERS) --duration-s $(DURATION)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
