@@ -1,13 +1,24 @@
 """Session-affinity request router for the model deployments.
 
-The ingress calls a model deployment with `handle.options(session_id=...)`
-for every session request. This router ranks the replicas for that session
-by rendezvous (highest-random-weight) hashing of (session id, replica id):
-every router in every process ranks them the same way, so all pages of a
-session go to the same replica, which holds its state hot. When that
-replica is full (max_ongoing_requests) the next in rank takes the request
-and resumes the session from the store; when replicas come or go, only the
-sessions of the replicas that changed move.
+The ingress calls a model deployment with the session id in the request
+metadata (`handle.options(session_id=...)`) for every session request. This
+router ranks the replicas for that session by rendezvous
+(highest-random-weight) hashing of (session id, replica id), over every
+replica the router knows: every router in every process ranks them the same
+way, so all pages of a session go to the same replica, which holds its state
+hot. When replicas come or go, only the sessions of the replicas that
+changed move.
+
+The preferred replica is left only when it is known to be full
+(max_ongoing_requests, by the queue length it last reported) or when it has
+not taken the request within `PREFERRED_PATIENCE_S`; then the next in rank
+takes it and resumes the session from the store. A replica that merely did
+not answer Serve's queue-length probe in time (0.1 s at first, a common
+thing on a busy machine) is asked again, with the longer deadlines of
+Serve's later rounds, instead of being passed over: passing over it moved a
+session's pages to the other replica (docs/architecture.md 3.3). A dead
+replica leaves the router's set at once (Serve drops it on ActorDiedError),
+so its sessions move without waiting.
 
 Requests without a session (classify) take the less loaded of two random
 replicas, as Serve's default router does.
@@ -19,10 +30,15 @@ from __future__ import annotations
 
 import hashlib
 import random
+import time
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 ROUTER_PATH = "serve.router.SessionAffinityRouter"
+
+# How long a session request waits for its preferred replica (alive, not
+# known to be full) before the next in rank takes it.
+PREFERRED_PATIENCE_S = 5.0
 
 
 def rendezvous_rank(key: str, replica_ids: list[str]) -> list[str]:
@@ -32,6 +48,27 @@ def rendezvous_rank(key: str, replica_ids: list[str]) -> list[str]:
         return hashlib.blake2b(f"{key}\0{rid}".encode(), digest_size=8).digest()
 
     return sorted(replica_ids, key=weight, reverse=True)
+
+
+def session_ranks(
+    ranked: list[RunningReplica],
+    candidates: set[str],
+    preferred_full: bool,
+    waited_s: float,
+    patience_s: float = PREFERRED_PATIENCE_S,
+) -> list[list[RunningReplica]]:
+    """The rounds of one routing attempt for a session request.
+
+    `ranked` is every known replica in rendezvous order, `candidates` the ids
+    Serve offers now. While the preferred replica is neither known full nor
+    waited on for `patience_s`, only it is offered (Serve probes it again,
+    with a longer deadline, in its next round); after that, every candidate
+    in rank order."""
+    preferred = ranked[0]
+    if not preferred_full and waited_s < patience_s:
+        pid = preferred.replica_id.unique_id
+        return [[preferred]] if pid in candidates else []
+    return [[r] for r in ranked if r.replica_id.unique_id in candidates]
 
 
 class SessionAffinityRouter(RequestRouter):
@@ -49,5 +86,10 @@ class SessionAffinityRouter(RequestRouter):
         session_id = pending_request.metadata.session_id
         if not session_id:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-        return [[by_id[rid]] for rid in rendezvous_rank(session_id, list(by_id))]
+        known = {r.replica_id.unique_id: r for r in self.curr_replicas.values()}
+        known.update((r.replica_id.unique_id, r) for r in candidate_replicas)
+        ranked = [known[rid] for rid in rendezvous_rank(session_id, list(known))]
+        queue_len = self.replica_queue_len_cache.get(ranked[0].replica_id)
+        full = queue_len is not None and queue_len >= ranked[0].max_ongoing_requests
+        return session_ranks(ranked, {r.replica_id.unique_id for r in candidate_replicas}, full,
+                             time.time() - pending_request.created_at)
