@@ -61,6 +61,9 @@ class ModelSpec(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_batch_size: int = Field(default=16, ge=1, description="most concurrent page steps run as one batch")
     batch_wait_ms: float = Field(default=2.0, ge=0, description="how long a lone step waits for company")
+    oneshot_segment_tokens: int = Field(
+        default=4096, ge=1,
+        description="a one-shot classify reads its document in steps of this many tokens, not page by page")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default from num_cpus")
     # Serve deployment options (a Serve config YAML's `deployments:` can override them too).
     num_replicas: int | Literal["auto"] | None = 1
@@ -124,6 +127,10 @@ class HttpConfig(_Strict):
     max_line_bytes: int = Field(default=4 << 20, ge=1, description="largest NDJSON line of /v1/classify/stream")
     ready_timeout_s: float = Field(default=5.0, gt=0)
     retry_s: float = Field(default=30.0, ge=0, description="how long a request is retried while replicas die/restart")
+    replica_timeout_s: float = Field(
+        default=5.0, gt=0,
+        description="how long a request waits for a model replica to take it (none running, or every one "
+                    "busy that long); beyond: 503 unavailable with Retry-After")
     # PDF bodies (docs/architecture.md 3.6): their text is extracted in worker
     # processes of the ingress, each document bounded by these.
     max_pdf_pages: int = Field(default=5000, ge=1, description="most pages of a PDF body; beyond: 413 too_many_pages")

@@ -4,9 +4,16 @@ One `Engine` runs in each model replica (and in-process for benchmarks).
 Everything a client sends arrives as plain values; everything it answers is
 a plain dict shaped like `serve.schemas`; every failure is a `ServeError`.
 
-Reading a document is always the streaming form (`model.step` page by
-page), so a one-shot classification, a session and a stream compute the
-same thing and docs/architecture.md 1.4 makes their logits equal.
+Reading a document is always the streaming form (`model.step`), so a
+one-shot classification, a session and a stream compute the same thing and
+docs/architecture.md 1.4 makes their logits equal. A session or a stream
+steps page by page (each page is a request's answer); a one-shot classify
+reads its whole document in steps of `oneshot_segment_tokens` tokens
+(default 4096), whatever its pages, since stepping a long document page by
+page through the batcher costs far more than a few long steps. Its
+`per_page_ms` then divides each step's time among the pages it holds, by
+their tokens (`apportion`): the figures add up to the model's time and are
+no per-page measurement.
 
 Batching: every page step of every request goes through `StepBatcher`,
 which collects the steps that arrive while the model is busy (or within
@@ -29,6 +36,7 @@ never applied twice.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 from collections import OrderedDict
@@ -191,6 +199,35 @@ def wants_full_checkpoint(chain_bytes: list[int], delta_bytes: int) -> bool:
     return not chain_bytes or sum(chain_bytes[1:]) + delta_bytes > chain_bytes[0]
 
 
+def page_starts(pages: list[list[int]]) -> list[int]:
+    """Offset of each page's first token in the document."""
+    out, at = [], 0
+    for p in pages:
+        out.append(at)
+        at += len(p)
+    return out
+
+
+def apportion(page_tokens: list[int], segment_tokens: int, segment_ms: list[float]) -> list[float]:
+    """Each page's share of the steps' times, when the document (pages of
+    these token counts) was read in steps of `segment_tokens` tokens taking
+    `segment_ms`: a step's time divided among its tokens, summed per page.
+    The shares add up to the steps' total; a page of no tokens gets 0."""
+    total = sum(page_tokens)
+    out, start = [], 0
+    for n in page_tokens:
+        ms, at, end = 0.0, start, start + n
+        while at < end:
+            k = at // segment_tokens
+            seg_lo, seg_hi = k * segment_tokens, min((k + 1) * segment_tokens, total)
+            take = min(end, seg_hi) - at
+            ms += segment_ms[k] * take / (seg_hi - seg_lo)
+            at += take
+        out.append(ms)
+        start = end
+    return out
+
+
 def prediction(labels: list[str], logits: torch.Tensor | None) -> dict[str, Any]:
     """label / scores / logits of one document from (1, L) logits (None: no tokens yet)."""
     if logits is None:
@@ -230,6 +267,9 @@ class Engine:
         self.labels = list(self.cfg.labels)
         self.max_tokens = spec.resolved_max_tokens(self.cfg.arch)
         self.page_tokens = spec.page_tokens
+        # One-shot steps: whole chunks (no unfinished chunk carried between them).
+        c = self.cfg.chunk_size
+        self.segment_tokens = max(c, spec.oneshot_segment_tokens // c * c)
         vocab = tokenizer.get_vocab_size()
         if vocab > self.cfg.vocab_size:
             raise ValueError(f"{name}: tokenizer has {vocab} ids but the model only {self.cfg.vocab_size}")
@@ -267,6 +307,19 @@ class Engine:
                 f"the document would have {total} tokens; model {self.name!r} accepts at most {self.max_tokens}"
             )
 
+    async def _step(self, ids: Sequence[int], state, index: int) -> StepOutcome:
+        """One step through the batcher; its failures as the request's typed errors
+        (`index`: the document's page the step starts in)."""
+        try:
+            return await self.batcher.step(ids, state)
+        except ServeError:
+            raise
+        except InputError as e:  # e.g. token ids outside the model's vocabulary
+            raise ValidationFailed(f"model {self.name!r} cannot read this page: {e}") from None
+        except Exception as e:  # the model failed on a page it accepted: our fault
+            logger.error("model %s failed on page %d (%d tokens)", self.name, index, len(ids), exc_info=e)
+            raise InternalError(f"model {self.name!r} failed on this page ({type(e).__name__})") from None
+
     async def _read(self, state, pages: list[list[int]], mode: str, first_page: int = 1):
         """Step through pages (the first is page `first_page` of its document);
         return (logits, state, per-page ms, peak bytes)."""
@@ -274,15 +327,7 @@ class Engine:
         self.batcher.active_requests += 1
         try:
             for index, ids in enumerate(pages, start=first_page):
-                try:
-                    out = await self.batcher.step(ids, state)
-                except ServeError:
-                    raise
-                except InputError as e:  # e.g. token ids outside the model's vocabulary
-                    raise ValidationFailed(f"model {self.name!r} cannot read this page: {e}") from None
-                except Exception as e:  # the model failed on a page it accepted: our fault
-                    logger.error("model %s failed on page %d (%d tokens)", self.name, index, len(ids), exc_info=e)
-                    raise InternalError(f"model {self.name!r} failed on this page ({type(e).__name__})") from None
+                out = await self._step(ids, state, index)
                 logits, state = out.logits, out.state
                 page_ms.append(out.seconds * 1000.0)
                 peak = max(peak, out.peak_bytes)
@@ -295,11 +340,40 @@ class Engine:
         self.metrics.peak_memory(peak)
         return logits, state, page_ms, peak
 
+    async def _read_segments(self, pages: list[list[int]]):
+        """A whole document from a fresh state in steps of `segment_tokens`
+        tokens (the pages' tokens run on across page ends); return (logits,
+        state, per-page ms apportioned by tokens, peak bytes)."""
+        flat = [i for p in pages for i in p]
+        seg = self.segment_tokens
+        state, logits, peak, seg_ms = self.model.init_state(1), None, 0, []
+        starts = page_starts(pages)
+        self.batcher.active_requests += 1
+        try:
+            for lo in range(0, len(flat), seg):
+                out = await self._step(flat[lo : lo + seg], state, bisect.bisect_right(starts, lo))
+                logits, state = out.logits, out.state
+                seg_ms.append(out.seconds * 1000.0)
+                peak = max(peak, out.peak_bytes)
+        finally:
+            self.batcher.active_requests -= 1
+        page_ms = apportion([len(p) for p in pages], seg, seg_ms)
+        for index, ms in enumerate(page_ms, start=1):
+            self.metrics.page("oneshot", ms / 1000.0, index)
+        self.metrics.state_bytes(state.nbytes)
+        self.metrics.pages(len(pages))
+        self.metrics.tokens(len(flat))
+        self.metrics.peak_memory(peak)
+        return logits, state, page_ms, peak
+
     async def classify(self, text: str | None = None, pages: Sequence[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
         token_pages = self.tokenize(text, pages)
         self._check_length(0, token_pages)
-        logits, state, page_ms, peak = await self._read(self.model.init_state(1), token_pages, "oneshot")
+        if any(token_pages):
+            logits, state, page_ms, peak = await self._read_segments(token_pages)
+        else:  # pages of no tokens: nothing to read, but each page is still a step of its own
+            logits, state, page_ms, peak = await self._read(self.model.init_state(1), token_pages, "oneshot")
         return {
             "model": self.name,
             **prediction(self.labels, logits),

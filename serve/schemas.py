@@ -137,7 +137,10 @@ class Prediction(BaseModel):
 
 class ClassifyTiming(BaseModel):
     total_ms: float = Field(description="time in the model replica, tokenising included")
-    per_page_ms: list[float] = Field(description="latency of each page step, queueing for its batch included")
+    per_page_ms: list[float] = Field(
+        description="each page's share of the model's time: the document is read in steps of "
+                    "oneshot_segment_tokens tokens (queueing for a batch included), and each step's time is "
+                    "divided among the pages it holds by their tokens")
 
 
 class ClassifyResponse(Prediction):

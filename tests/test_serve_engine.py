@@ -19,7 +19,8 @@ from serve.config import (
 from serve.engine import load_engine
 from serve.metrics import EngineMetrics
 from serve.pages import text_pages, tokenize_document
-from serve.router import rendezvous_rank
+from serve.engine import apportion
+from serve.router import PREFERRED_PATIENCE_S, SessionAffinityRouter, rendezvous_rank, session_ranks
 from serve.store import MemorySessionStore
 
 pytest_plugins = ["conftest_serve"]
@@ -155,7 +156,129 @@ def test_rendezvous_ranking_is_stable_and_moves_few_sessions():
     assert all(after[s] == first[s] for s in sessions if first[s] != "r3")
 
 
+class _FakeReplica:
+    """What Serve's routing loop asks of a replica: its id, its limit, its queue length.
+    The first `slow_probes` probes answer only after their deadline (a busy machine)."""
+
+    def __init__(self, uid: str, slow_probes: int = 0, queue_len: int = 0, max_ongoing: int = 4):
+        from ray.serve._private.common import DeploymentID, ReplicaID
+
+        self.replica_id = ReplicaID(unique_id=uid, deployment_id=DeploymentID(name="bsbr", app_name="t"))
+        self.max_ongoing_requests = max_ongoing
+        self.slow_probes, self.queue_len, self.probes = slow_probes, queue_len, 0
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        self.probes += 1
+        if self.probes <= self.slow_probes:
+            await asyncio.sleep(deadline_s + 0.05)
+        return self.queue_len
+
+
+def _route(replicas: list[_FakeReplica], session_id: str) -> str:
+    """The replica Serve's own routing loop picks with SessionAffinityRouter, every
+    queue length unknown (as after 10 s without traffic), so each is probed."""
+    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve.request_router import PendingRequest
+
+    async def go():
+        router = SessionAffinityRouter(deployment_id=DeploymentID(name="bsbr", app_name="t"),
+                                       handle_source=DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=True)
+        slow = [r.slow_probes for r in replicas]
+        for r in replicas:
+            r.slow_probes = 0
+        router.update_replicas(replicas)
+        await asyncio.sleep(0.2)  # Serve probes new replicas once
+        for r, n in zip(replicas, slow):
+            router.replica_queue_len_cache.invalidate_key(r.replica_id)
+            r.slow_probes, r.probes = n, 0
+        meta = RequestMetadata(request_id="r", internal_request_id="i", session_id=session_id)
+        got = await asyncio.wait_for(router._choose_replica_for_request(PendingRequest(args=[], kwargs={}, metadata=meta)),
+                                     PREFERRED_PATIENCE_S + 5)
+        return got.replica_id.unique_id
+
+    return run(go())
+
+
+def test_a_session_waits_for_its_replica_when_a_queue_length_probe_is_slow():
+    """The cause of a session's pages reaching both replicas: Serve probes a
+    replica's queue length with a 0.1 s deadline, and on a busy machine the
+    preferred replica answered late; the router then offered the next in rank.
+    Now it asks the preferred one again (longer deadlines) and only it."""
+    sessions = [f"{i:032x}" for i in range(6)]
+    for sid in sessions:
+        ids = ["r1", "r2", "r3"]
+        preferred = rendezvous_rank(sid, ids)[0]  # the naive rule: rank over every replica
+        replicas = [_FakeReplica(u, slow_probes=2 if u == preferred else 0) for u in ids]
+        assert _route(replicas, sid) == preferred
+        assert replicas[ids.index(preferred)].probes == 3
+
+
+def test_a_full_preferred_replica_passes_the_session_on_in_rank_order():
+    sid = "ab" * 16
+    ids = ["r1", "r2", "r3"]
+    rank = rendezvous_rank(sid, ids)
+    replicas = {u: _FakeReplica(u, queue_len=4 if u == rank[0] else 0) for u in ids}  # max_ongoing 4
+    assert _route(list(replicas.values()), sid) == rank[1]
+
+
+def test_session_ranks_wait_for_the_preferred_replica_then_fall_back():
+    reps = [_FakeReplica(u) for u in ("a", "b", "c")]
+    ids = {"a", "b", "c"}
+    assert session_ranks(reps, ids, preferred_full=False, waited_s=0.0) == [[reps[0]]]
+    assert session_ranks(reps, ids, preferred_full=True, waited_s=0.0) == [[r] for r in reps]
+    assert session_ranks(reps, ids, preferred_full=False, waited_s=PREFERRED_PATIENCE_S) == [[r] for r in reps]
+    # The preferred one is not offered right now: nothing this round (Serve backs off and asks again) ...
+    assert session_ranks(reps, {"b", "c"}, preferred_full=False, waited_s=0.0) == []
+    # ... until the patience is spent; then the others, in rank order.
+    assert session_ranks(reps, {"b", "c"}, preferred_full=False, waited_s=60.0) == [[reps[1]], [reps[2]]]
+
+
 # --- engine -------------------------------------------------------------------------------
+
+
+def test_apportion_divides_each_step_among_its_pages_by_tokens():
+    # pages of 3, 0, 5, 2 tokens read in steps of 4: steps [0,4) [4,8) [8,10)
+    got = apportion([3, 0, 5, 2], 4, [40.0, 80.0, 10.0])
+    want = [3 * 10.0, 0.0, 1 * 10.0 + 4 * 20.0, 2 * 5.0]  # naive: per token, then summed per page
+    assert got == pytest.approx(want)
+    assert sum(got) == pytest.approx(130.0)
+
+
+@pytest.mark.parametrize("name", ["bsbr", "standard"])
+@pytest.mark.parametrize("segment", [16, 48, 4096])
+def test_one_shot_in_segments_gives_the_streaming_and_the_parallel_logits(dev_models, name, segment):
+    """A one-shot classify reads the document in steps of oneshot_segment_tokens
+    (ending inside pages); its logits equal the page-by-page session's and the
+    model's parallel form, and per_page_ms adds up the steps' times."""
+    eng = make_engine(dev_models, name, oneshot_segment_tokens=segment)
+    pages = document(40, words_per_page=9, seed=5)
+    ref = one_shot_logits(eng, pages).double()
+    steps = []
+    real = eng.batcher.step
+
+    async def counted(ids, state):
+        steps.append(len(ids))
+        return await real(ids, state)
+
+    eng.batcher.step = counted
+
+    async def go():
+        one = await eng.classify(pages=pages)
+        n_one = len(steps)
+        sid = (await eng.create_session())["session_id"]
+        for i, p in enumerate(pages):
+            last = await eng.append(sid, i, pages=[p])
+        return one, n_one, last
+
+    one, n_one, last = run(go())
+    n_tokens = one["num_tokens"]
+    assert steps[:n_one] == [min(segment, n_tokens - k) for k in range(0, n_tokens, segment)]
+    assert len(steps) - n_one == 40  # the session: page by page
+    assert (as_tensor(eng.labels, one["logits"]) - ref).abs().max() <= 1e-4
+    assert (as_tensor(eng.labels, one["logits"]) - as_tensor(eng.labels, last["logits"])).abs().max() <= 1e-4
+    assert one["num_pages"] == 40 and len(one["timing"]["per_page_ms"]) == 40
+    assert all(ms > 0 for ms in one["timing"]["per_page_ms"])
+    assert sum(one["timing"]["per_page_ms"]) <= one["timing"]["total_ms"]
 
 
 @pytest.mark.parametrize("name", ["bsbr", "standard"])
