@@ -62,7 +62,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from serve.devmodels import sample_text  # noqa: E402  (no torch, no Ray)
+from serve.devmodels import sample_text  # no torch, no Ray
 
 # Request names, as Locust's statistics and this report key them.
 CREATE = "POST /v1/sessions"
@@ -181,7 +181,7 @@ class Reader(HttpUser):
 
     def compare_oneshot(self, model: str, pages: list[str], final: dict, where: str) -> None:
         """The final answer of a session or stream must equal a one-shot classify of its pages."""
-        status, body, _ = self.call(CHECK, "POST", "/v1/classify", expect_pages=len(pages), final=True,
+        _, body, _ = self.call(CHECK, "POST", "/v1/classify", expect_pages=len(pages), final=True,
                                     json={"model": model, "pages": pages})
         if body is None:
             return
@@ -200,7 +200,7 @@ class Reader(HttpUser):
     def read_session(self) -> None:
         p, t = self.environment.plan, self.tally
         model, pages = self.document()
-        status, body, _ = self.call(CREATE, "POST", "/v1/sessions", json={"model": model})
+        _, body, _ = self.call(CREATE, "POST", "/v1/sessions", json={"model": model})
         if body is None:
             t.docs["sessions_not_created"] += 1
             return
@@ -379,7 +379,6 @@ def bsbr_counters(metrics_url: str) -> dict:
     return {
         "resumes_hot": total(resumes, source="hot"),
         "resumes_store": total(resumes, source="store"),
-        "pages_total": total(m.get("ray_bsbr_pages_total", {})),
         "errors_by_code": {c: total(errors, code=c) for c in sorted({dict(k).get("code", "?") for k in errors})},
     }
 
@@ -635,8 +634,9 @@ def run(a: argparse.Namespace) -> dict:
 
 
 def summary(r: dict) -> str:
-    lines = [f"{r['users']} users, {r['elapsed_s']:.0f} s, {r['pages']['total']} pages = {r['pages_per_s']:.2f} pages/s "
-             f"(load average {r['load_average_before'][0]:.2f} before, {r['load_average_after'][0]:.2f} after)"]
+    lines = [(f"{r['users']} users, {r['elapsed_s']:.0f} s, {r['pages']['total']} pages = {r['pages_per_s']:.2f} "
+              f"pages/s (load average {r['load_average_before'][0]:.2f} before, "
+              f"{r['load_average_after'][0]:.2f} after)")]
     lines.append(f"{'request':<56}{'count':>7}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}  status")
     for name, row in r["requests"].items():
         q = [f"{row[k]:>9.0f}" if k in row else f"{'-':>9}" for k in ("p50_ms", "p95_ms", "p99_ms")]
@@ -723,6 +723,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     a = p.parse_args()
+    if not 1 <= a.min_pages <= a.max_pages or not 1 <= a.min_words <= a.max_words or a.users < 1:
+        p.error("need 1 <= --min-pages <= --max-pages, 1 <= --min-words <= --max-words and --users >= 1")
     if a.url and not a.metrics_url:
         print("note: without --metrics-url there is no hot hit rate and no RSS", file=sys.stderr)
     r = run(a)
