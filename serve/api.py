@@ -3,12 +3,16 @@
 The ingress knows nothing of tensors: it validates requests (schemas),
 enforces body limits, turns PDF bodies into pages (serve.pdf: worker
 processes with a deadline and a memory limit per document, 3.6), picks the
-model deployment (for a session: the model
-that owns it, asked of the store once and cached), calls it through a
-Serve handle (with the session id, so `serve.router` sends it to the
-replica holding the session) and maps typed errors to statuses in one
-place (`_error_response`). Replica deaths are retried for `http.retry_s`:
-appends are idempotent by seq, classification is stateless.
+model (for a session: the model that owns it, asked of the store once and
+cached), calls it through its typed `serve.engine_client.EngineClient`
+(over Ray: a Serve handle per method with the session id in the request
+metadata, so `serve.router` sends it to the replica holding the session; a
+deadline for getting a replica; retries while replicas die) and maps typed
+errors to statuses in one place (`_error_response`).
+
+`ApiServer` is the routes' class; `Api` is its Serve deployment. With
+`local_app(clients, config)` the same routes serve in-process engines under
+FastAPI's TestClient, no Ray (tests/test_serve_api_inprocess.py).
 """
 import asyncio
 import json
@@ -41,13 +45,11 @@ from serve.errors import (
     Overloaded,
     ServeError,
     SessionNotFound,
-    Unavailable,
     UnknownModel,
     UnsupportedMediaType,
     ValidationFailed,
-    from_wire,
-    is_wire_error,
 )
+from serve.engine_client import EngineClient, RayEngineClient, Reply
 from serve.metrics import EngineMetrics, RayServeMetrics
 from serve.pdf import PDF_MEDIA_TYPE, PdfExtractor, PdfLimits
 from serve.store import make_store
@@ -339,18 +341,24 @@ def _parse_stream_line(line: bytes, limit: int) -> str:
 # --- the deployment ---------------------------------------------------------------------
 
 
-@serve.deployment(name="api", max_ongoing_requests=256)
-@serve.ingress(app)
-class Api:
-    def __init__(self, models: dict[str, Any], config: dict[str, Any]):
+class ApiServer:
+    """The ingress: the routes above, over one EngineClient per model."""
+
+    def __init__(self, models: dict[str, Any], config: dict[str, Any],
+                 clients: dict[str, EngineClient] | None = None):
+        """`models`: name -> the model deployment's DeploymentHandle (in Serve);
+        or `clients`: name -> EngineClient (in-process, `local_app`)."""
         self.cfg = AppConfig.model_validate(config)
-        self.models = models  # name -> DeploymentHandle
+        h = self.cfg.http
+        if clients is None:
+            clients = {name: RayEngineClient(name, handle, replica_timeout_s=h.replica_timeout_s, retry_s=h.retry_s)
+                       for name, handle in models.items()}
+        self.models: dict[str, EngineClient] = clients
         try:
             self.metrics: EngineMetrics = RayServeMetrics(model="")
         except Exception:  # noqa: BLE001 - outside Ray (unit tests)
             self.metrics = EngineMetrics()
-        configure_runtime(self.metrics, set(models), self.cfg.http.max_body_bytes)
-        h = self.cfg.http
+        configure_runtime(self.metrics, set(self.models), h.max_body_bytes)
         # PDF bodies become pages here, in worker processes (started with the first PDF).
         self.pdf = PdfExtractor(PdfLimits(max_pages=h.max_pdf_pages, timeout_s=h.pdf_timeout_s,
                                           memory_bytes=h.pdf_memory_bytes, workers=h.pdf_workers,
@@ -366,45 +374,22 @@ class Api:
         if pdf is not None:
             pdf.close()
 
-    # --- calling the model deployments ----------------------------------------------
+    # --- calling the models ------------------------------------------------------------
 
-    def _handle(self, model: str, request: Request | None = None):
+    def _client(self, model: str, request: Request | None = None) -> EngineClient:
         if request is not None:
             request.state.model = model
-        h = self.models.get(model)
-        if h is None:
+        c = self.models.get(model)
+        if c is None:
             raise UnknownModel(f"unknown model {model!r}; available: {sorted(self.models)}")
-        return h
+        return c
 
-    async def _call(self, model: str, method: str, *args, session_id: str | None = None,
-                    request: Request | None = None):
-        """Call a model replica; retry while replicas die or restart; raise its typed errors."""
-        import ray
-        from ray.serve.exceptions import BackPressureError
-
-        handle = self._handle(model, request)
-        if session_id:
-            handle = handle.options(session_id=session_id)
-        deadline = time.monotonic() + self.cfg.http.retry_s
-        delay = 0.1
-        while True:
-            try:
-                out = await getattr(handle, method).remote(*args)
-                break
-            except BackPressureError:
-                raise Overloaded(f"model {model!r} is at capacity; retry shortly", retry_after_s=1.0) from None
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                if time.monotonic() + delay > deadline:
-                    raise Unavailable(f"model {model!r} has no live replica ({type(e).__name__})",
-                                      retry_after_s=2.0) from None
-                logger.warning("replica of %s unavailable (%s); retrying", model, type(e).__name__)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        if is_wire_error(out):
-            raise from_wire(out)
-        if request is not None and "replica" in out:
-            request.state.replica = out["replica"]
-        return out["result"]
+    @staticmethod
+    def _result(reply: Reply, request: Request | None = None) -> dict[str, Any]:
+        """The engine's answer; its replica goes into the response header."""
+        if request is not None and reply.replica:
+            request.state.replica = reply.replica
+        return reply.result
 
     async def _model_of(self, session_id: str, request: Request) -> str:
         """The model that owns a session (sessions never change model)."""
@@ -423,9 +408,9 @@ class Api:
         if self.cfg.sessions.store != "memory":
             return (await self.store.head(session_id))["model"]
         # A per-replica store: only the model replicas know their sessions.
-        for name in self.models:
+        for name, c in self.models.items():
             try:
-                await self._call(name, "get", session_id, session_id=session_id)
+                await c.get(session_id)
                 return name
             except SessionNotFound:
                 continue
@@ -447,9 +432,9 @@ class Api:
     @app.get("/readyz", response_model=schemas.Readiness, tags=["health"], responses=_errors(503))
     async def readyz(self):
         """200 when every model deployment answers, else 503."""
-        async def ping(h) -> bool:
+        async def ping(c: EngineClient) -> bool:
             try:
-                return bool(await asyncio.wait_for(h.ready.remote(), self.cfg.http.ready_timeout_s))
+                return bool(await asyncio.wait_for(c.ready(), self.cfg.http.ready_timeout_s))
             except Exception:  # noqa: BLE001 - any failure means not ready
                 return False
 
@@ -469,7 +454,7 @@ class Api:
         out = []
         for name in self.models:
             if name not in self._info:
-                self._info[name] = await self._call(name, "info")
+                self._info[name] = self._result(await self._client(name).info())
             out.append(self._info[name])
         return {"models": out}
 
@@ -485,20 +470,21 @@ class Api:
         """Classify a whole document in one request: JSON (text with form feeds, or
         pages), or a PDF (`Content-Type: application/pdf`, `?model=`), one page per PDF page."""
         if _body_type(request) == PDF_MEDIA_TYPE:
-            self._handle(_for_pdf(model, "model"), request)
+            client = self._client(_for_pdf(model, "model"), request)
             pages = await self._pdf_pages(request)
-            result = await self._call(model, "classify", None, pages, request=request)
+            result = self._result(await client.classify(None, pages), request)
         else:
             _not_for_json(model, "model")
             body = await _json_body(request, schemas.ClassifyRequest)
-            result = await self._call(body.model, "classify", body.text, body.pages, request=request)
+            client = self._client(body.model, request)
+            result = self._result(await client.classify(body.text, body.pages), request)
         return self._with_replica(result, request)
 
     @app.post("/v1/sessions", status_code=201, response_model=schemas.SessionCreated, tags=["sessions"],
               responses=_errors(400, 404, 422, 429, 503))
     async def create_session(self, body: schemas.SessionCreateRequest, request: Request):
         """Open a session: its pages arrive in later requests; the state is carried between them."""
-        result = await self._call(body.model, "create_session", body.ttl_s, request=request)
+        result = self._result(await self._client(body.model, request).create_session(body.ttl_s), request)
         self._session_model[result["session_id"]] = body.model
         return self._with_replica(result, request, status=201)
 
@@ -519,8 +505,7 @@ class Api:
             body = await _json_body(request, schemas.PagesRequest)
             model = await self._model_of(session_id, request)
             seq, text, pages = body.seq, body.text, body.pages
-        result = await self._call(model, "append", session_id, seq, text, pages, "session",
-                                  session_id=session_id, request=request)
+        result = self._result(await self._client(model).append(session_id, seq, text, pages, "session"), request)
         return self._with_replica(result, request)
 
     @app.get("/v1/sessions/{session_id}", response_model=schemas.SessionResult, tags=["sessions"],
@@ -528,7 +513,7 @@ class Api:
     async def get_session(self, session_id: str, request: Request):
         """The session's current result."""
         model = await self._model_of(session_id, request)
-        result = await self._call(model, "get", session_id, session_id=session_id, request=request)
+        result = self._result(await self._client(model).get(session_id), request)
         return self._with_replica(result, request)
 
     @app.delete("/v1/sessions/{session_id}", response_model=schemas.SessionResult, tags=["sessions"],
@@ -536,7 +521,7 @@ class Api:
     async def delete_session(self, session_id: str, request: Request):
         """The final result; the session is gone."""
         model = await self._model_of(session_id, request)
-        result = await self._call(model, "close", session_id, session_id=session_id, request=request)
+        result = self._result(await self._client(model).close(session_id), request)
         self._session_model.pop(session_id, None)
         return self._with_replica(result, request)
 
@@ -555,7 +540,7 @@ class Api:
         transfer); response NDJSON, the running result after each page, then the final
         result with `"final": true`. An error after the first page ends the stream with
         one `{"error": ...}` line."""
-        self._handle(model, request)
+        client = self._client(model, request)
         if (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower() == PDF_MEDIA_TYPE:
             raise UnsupportedMediaType("the stream reads NDJSON pages; send a PDF to /v1/classify or to a "
                                        "session's pages (bsbr-serve stream FILE.pdf does the latter, page by page)")
@@ -563,14 +548,13 @@ class Api:
         first = await anext(lines, None)
         if first is None:
             raise EmptyDocument("the stream holds no page (send one {\"text\": ...} per line)")
-        session_id = (await self._call(model, "create_session", request=request))["session_id"]
+        session_id = self._result(await client.create_session(), request)["session_id"]
         try:
-            r0 = await self._call(model, "append", session_id, 0, None, [first], "stream",
-                                  session_id=session_id, request=request)
+            r0 = self._result(await client.append(session_id, 0, None, [first], "stream"), request)
         except BaseException:
-            await self._close_quietly(model, session_id)
+            await self._close_quietly(client, session_id)
             raise
-        return NdjsonStream(self._stream_results(model, session_id, r0, lines))
+        return NdjsonStream(self._stream_results(model, client, session_id, r0, lines))
 
     async def _stream_pages(self, request: Request) -> AsyncIterator[str]:
         """Pages of an NDJSON body as they arrive; blank lines are skipped."""
@@ -587,7 +571,8 @@ class Api:
         if buf.strip():
             yield _parse_stream_line(buf, limit)
 
-    async def _stream_results(self, model: str, session_id: str, first: dict, lines: AsyncIterator[str]):
+    async def _stream_results(self, model: str, client: EngineClient, session_id: str, first: dict,
+                              lines: AsyncIterator[str]):
         def dump(obj) -> bytes:
             return (json.dumps(obj, separators=(",", ":")) + "\n").encode()
 
@@ -596,10 +581,10 @@ class Api:
             yield dump(first)
             seq = 1
             async for text in lines:
-                r = await self._call(model, "append", session_id, seq, None, [text], "stream", session_id=session_id)
+                r = (await client.append(session_id, seq, None, [text], "stream")).result
                 yield dump(r)
                 seq += 1
-            final = await self._call(model, "close", session_id, session_id=session_id)
+            final = (await client.close(session_id)).result
             closed = True
             yield dump(final)
         except ServeError as e:
@@ -607,10 +592,42 @@ class Api:
             yield dump({"error": {"code": e.code, "message": e.message}})
         finally:
             if not closed:
-                await self._close_quietly(model, session_id)
+                await self._close_quietly(client, session_id)
 
-    async def _close_quietly(self, model: str, session_id: str) -> None:
+    async def _close_quietly(self, client: EngineClient, session_id: str) -> None:
         try:
-            await self._call(model, "close", session_id, session_id=session_id)
+            await client.close(session_id)
         except Exception as e:  # noqa: BLE001 - best effort; the TTL collects it otherwise
             logger.info("could not close stream session %s: %s", session_id, e)
+
+
+Api = serve.deployment(name="api", max_ongoing_requests=256)(serve.ingress(app)(ApiServer))
+
+
+def local_app(clients: dict[str, EngineClient], config: dict[str, Any] | None = None) -> FastAPI:
+    """The HTTP API over these clients in this process (FastAPI's TestClient, no
+    Ray): the routes' `self` is one ApiServer instead of the Serve replica."""
+    server = ApiServer({}, config or {"sessions": {"store": "memory"}}, clients=clients)
+    for dep in _self_dependencies(app):
+        app.dependency_overrides[dep] = lambda: server
+    return app
+
+
+def _self_dependencies(router) -> set:
+    """The dependency `@serve.ingress` gives the routes' `self` (Serve's replica
+    instance, `self=Depends(...)` in each endpoint's signature), under included
+    routers too (FastAPI >= 0.137 nests them)."""
+    import inspect
+
+    out = set()
+    for route in getattr(router, "routes", ()):
+        endpoint = getattr(route, "endpoint", None)
+        if endpoint is not None:
+            param = inspect.signature(endpoint).parameters.get("self")
+            dependency = getattr(getattr(param, "default", None), "dependency", None)
+            if dependency is not None:
+                out.add(dependency)
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            out |= _self_dependencies(inner)
+    return out

@@ -359,12 +359,14 @@ def test_stream_answers_each_page_before_the_next_is_sent(serve_cluster):
 # one request at a time and queues one more (max_queued_requests), no hot
 # cache (hot_max_bytes 0: every page after a session's first resumes from the
 # store), a store actor of its own, and a model `pending` whose replica no node
-# can place (a resource none has), so that it is never ready (a request naming
-# `pending` itself waits for a replica, as Serve's router does, with no 503:
-# only /readyz asks it here). Under /limits on the shared cluster; deleted,
-# and its store actor killed, after the module.
+# can place (a resource none has), so that it is never ready: /readyz says so,
+# and a request naming `pending` is 503 unavailable once no replica has taken it
+# within http.replica_timeout_s (Serve's router alone would wait for ever).
+# Under /limits on the shared cluster; deleted, and its store actor killed,
+# after the module.
 
 LIMITS_APP = "bsbr-limits"
+LIMITS_REPLICA_TIMEOUT_S = 2.0
 NEVER_RESOURCE = "bsbr_test_no_node_has_this"
 
 
@@ -388,7 +390,7 @@ def limits(serve_cluster):
          "ray_actor_options": {"num_cpus": 0.25, "resources": {NEVER_RESOURCE: 1}}},
     ]
     args["sessions"]["hot_max_bytes"] = 0
-    args["http"].update(ready_timeout_s=1.0)
+    args["http"].update(ready_timeout_s=1.0, replica_timeout_s=LIMITS_REPLICA_TIMEOUT_S)
     # Not waiting for the application to run: `pending` never does.
     serve.run_many([serve.RunTarget(build_app(args), name=LIMITS_APP, route_prefix="/limits")],
                    wait_for_applications_running=False)
@@ -422,6 +424,21 @@ def test_a_model_that_is_not_ready_makes_readyz_503_with_retry_after(limits):
     assert r.json()["models"] == {"bsbr": True, "pending": False}
     assert int(r.headers["retry-after"]) >= 1
     assert c.get("/healthz").status_code == 200  # alive, only not ready
+
+
+def test_a_model_with_no_running_replica_is_503_unavailable_with_retry_after_not_a_hang(limits):
+    """`pending` has no replica: its requests answer 503 after http.replica_timeout_s
+    (a classify, a new session), and the model that runs still answers."""
+    c, _ = limits
+    for path, body in (("/v1/classify", {"model": "pending", "text": "is anyone there"}),
+                       ("/v1/sessions", {"model": "pending"})):
+        t0 = time.perf_counter()
+        r = c.post(path, json=body, timeout=60)
+        took = time.perf_counter() - t0
+        assert_error(r, 503, "unavailable")
+        assert int(r.headers["retry-after"]) >= 1
+        assert LIMITS_REPLICA_TIMEOUT_S <= took < LIMITS_REPLICA_TIMEOUT_S + 20, took
+    assert c.post("/v1/classify", json={"model": "bsbr", "text": "still here"}).status_code == 200
 
 
 def _counter(text: str, name: str, **labels: str) -> dict[str, float]:
