@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve import schemas
 from serve.config import AppConfig, HttpConfig
+from serve.engine_client import EngineClient, RayEngineClient, Reply
 from serve.errors import (
     BodyTooLarge,
     EmptyDocument,
@@ -42,14 +43,12 @@ from serve.errors import (
     MethodNotAllowed,
     NotFound,
     NotReady,
-    Overloaded,
     ServeError,
     SessionNotFound,
     UnknownModel,
     UnsupportedMediaType,
     ValidationFailed,
 )
-from serve.engine_client import EngineClient, RayEngineClient, Reply
 from serve.metrics import EngineMetrics, RayServeMetrics
 from serve.pdf import PDF_MEDIA_TYPE, PdfExtractor, PdfLimits
 from serve.store import make_store

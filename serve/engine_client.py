@@ -135,6 +135,9 @@ class RayEngineClient:
             # while the deployment has none); only that wait has the deadline,
             # a long document then takes as long as it takes.
             await asyncio.wait_for(response._fetch_future_result_async(), self.replica_timeout_s)
+        except asyncio.CancelledError:  # the caller gave up (e.g. /readyz's own deadline)
+            response.cancel()
+            raise
         except asyncio.TimeoutError:
             response.cancel()
             raise Unavailable(f"model {self.name!r} has no replica taking requests (none within "

@@ -11,12 +11,12 @@ changed move.
 
 The preferred replica is left only when it is known to be full
 (max_ongoing_requests, by the queue length it last reported) or when it has
-not taken the request within `PREFERRED_PATIENCE_S`; then the next in rank
+not taken the request within `PREFERRED_PATIENCE_S` (2.5 s); then the next in rank
 takes it and resumes the session from the store. A replica that merely did
 not answer Serve's queue-length probe in time (0.1 s at first, a common
 thing on a busy machine) is asked again, with the longer deadlines of
 Serve's later rounds, instead of being passed over: passing over it moved a
-session's pages to the other replica (docs/architecture.md 3.3). A dead
+session's pages to the other replica (docs/architecture.md 3.2). A dead
 replica leaves the router's set at once (Serve drops it on ActorDiedError),
 so its sessions move without waiting.
 
@@ -37,8 +37,10 @@ from ray.serve.request_router import PendingRequest, RequestRouter, RunningRepli
 ROUTER_PATH = "serve.router.SessionAffinityRouter"
 
 # How long a session request waits for its preferred replica (alive, not
-# known to be full) before the next in rank takes it.
-PREFERRED_PATIENCE_S = 5.0
+# known to be full) before the next in rank takes it: time for Serve to probe
+# it about five times (deadlines 0.1, 0.2, 0.4, 0.8, 1 s), and well within
+# http.replica_timeout_s (default 5 s), after which the request is 503.
+PREFERRED_PATIENCE_S = 2.5
 
 
 def rendezvous_rank(key: str, replica_ids: list[str]) -> list[str]:

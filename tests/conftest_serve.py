@@ -111,7 +111,8 @@ def app_args(models: Path, store_name: str) -> dict:
              "max_tokens": STANDARD_MAX_TOKENS, "ray_actor_options": {"num_cpus": 0.25}},
         ],
         "sessions": {"ttl_s": 600, "max_sessions": MAX_SESSIONS, "store_name": store_name},
-        "http": {"max_body_bytes": MAX_BODY_BYTES, "retry_s": 60, "max_pdf_pages": MAX_PDF_PAGES,
+        # replica_timeout_s: the suite loads 2 cores; its deadline is tested on an app of its own.
+        "http": {"max_body_bytes": MAX_BODY_BYTES, "retry_s": 60, "replica_timeout_s": 30, "max_pdf_pages": MAX_PDF_PAGES,
                  "pdf_timeout_s": PDF_TIMEOUT_S, "pdf_memory_bytes": PDF_MEMORY_BYTES, "pdf_workers": 1},
         "ingress": {"ray_actor_options": {"num_cpus": 0.25}},
     }

@@ -17,7 +17,12 @@ from conftest_serve import LOGIT_TOL, document
 
 from serve.config import ModelSpec, SessionConfig
 from serve.engine import load_engine
-from serve.engine_client import EngineClient, InProcessEngineClient, RayEngineClient, Reply
+from serve.engine_client import (
+    EngineClient,
+    InProcessEngineClient,
+    RayEngineClient,
+    Reply,
+)
 from serve.errors import Unavailable
 from serve.store import MemorySessionStore
 

@@ -16,11 +16,15 @@ from serve.config import (
     SessionConfig,
     discover_models,
 )
-from serve.engine import load_engine
+from serve.engine import apportion, load_engine
 from serve.metrics import EngineMetrics
 from serve.pages import text_pages, tokenize_document
-from serve.engine import apportion
-from serve.router import PREFERRED_PATIENCE_S, SessionAffinityRouter, rendezvous_rank, session_ranks
+from serve.router import (
+    PREFERRED_PATIENCE_S,
+    SessionAffinityRouter,
+    rendezvous_rank,
+    session_ranks,
+)
 from serve.store import MemorySessionStore
 
 pytest_plugins = ["conftest_serve"]
@@ -177,7 +181,11 @@ class _FakeReplica:
 def _route(replicas: list[_FakeReplica], session_id: str) -> str:
     """The replica Serve's own routing loop picks with SessionAffinityRouter, every
     queue length unknown (as after 10 s without traffic), so each is probed."""
-    from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+    from ray.serve._private.common import (
+        DeploymentHandleSource,
+        DeploymentID,
+        RequestMetadata,
+    )
     from ray.serve.request_router import PendingRequest
 
     async def go():
