@@ -520,6 +520,19 @@ def machine() -> dict:
             "python": platform.python_version()}
 
 
+def code_version() -> dict:
+    """The commit the server ran, and the served code's files that differed from it."""
+    def git(*args: str) -> str:
+        try:
+            out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30, check=False)
+            return out.stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = git("status", "--porcelain", "--", "serve", "bsbr_core", "models").splitlines()
+    return {"commit": git("rev-parse", "HEAD").strip() or None, "uncommitted": [x[3:] for x in changed if x.strip()]}
+
+
 def latency_table(tally: Tally) -> dict[str, dict]:
     out = {}
     for name in REQUEST_TYPES:
@@ -537,7 +550,7 @@ def latency_table(tally: Tally) -> dict[str, dict]:
 
 def run(a: argparse.Namespace) -> dict:
     result: dict = {"command": shlex.join([Path(sys.executable).name, *sys.argv]), "machine": machine(),
-                    "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    "code": code_version(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     server = None
     if a.url:
         url, metrics_url, root_pid = a.url.rstrip("/"), a.metrics_url, a.server_pid
@@ -668,7 +681,7 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(8, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(11, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     colors = plt.get_cmap("tab20").colors
     for k, (name, pts) in enumerate(sorted(r["rss"]["series"].items())):
         if pts:
@@ -679,9 +692,11 @@ def plot(r: dict, path: Path) -> None:
     ax.set_title(f"server processes under load: {r['users']} users, {r['elapsed_s']:.0f} s "
                  f"({r['rss']['source']})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     w = r["pages_per_s_over_time"]
-    bx.step([k * w["window_s"] for k in range(len(w["values"]))], w["values"], where="post")
+    if w["values"]:  # each window's rate drawn across its window
+        n = len(w["values"])
+        bx.step([k * w["window_s"] for k in range(n + 1)], [*w["values"], w["values"][-1]], where="post")
     bx.set_ylabel("pages/s")
     bx.set_xlabel("seconds since the load started")
     bx.grid(alpha=0.3)
@@ -722,13 +737,19 @@ def main() -> int:
                    help="how long to wait for Ray's metrics export to catch up after the load")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
+    p.add_argument("--replot", action="store_true", help="only redraw the table and PNG from --out")
     a = p.parse_args()
+    out = Path(a.out)
+    if a.replot:
+        r = json.loads(out.read_text())
+        plot(r, out.with_suffix(".png"))
+        print(summary(r))
+        return 0
     if not 1 <= a.min_pages <= a.max_pages or not 1 <= a.min_words <= a.max_words or a.users < 1:
         p.error("need 1 <= --min-pages <= --max-pages, 1 <= --min-words <= --max-words and --users >= 1")
     if a.url and not a.metrics_url:
         print("note: without --metrics-url there is no hot hit rate and no RSS", file=sys.stderr)
     r = run(a)
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     r["png"] = str(out.with_suffix(".png"))
     out.write_text(json.dumps(r, indent=2) + "\n")

@@ -28,7 +28,7 @@ LOAD = ROOT / "bench" / "load.py"
 REQUEST_TYPES = ["POST /v1/sessions", "POST /v1/sessions/{id}/pages", "POST /v1/sessions/{id}/pages (retry of a seq)",
                  "GET /v1/sessions/{id}", "DELETE /v1/sessions/{id}", "POST /v1/classify",
                  "POST /v1/classify (one-shot check of a session or stream)", "POST /v1/classify/stream"]
-FIELDS = ["command", "machine", "started_at", "server", "users", "duration_s", "plan", "load_average_before",
+FIELDS = ["command", "machine", "code", "started_at", "server", "users", "duration_s", "plan", "load_average_before",
           "load_average_after", "client_exceptions", "elapsed_s", "requests", "status_counts", "errors_by_status",
           "server_errors_5xx", "no_answer", "pages", "pages_per_s", "pages_per_s_over_time", "documents",
           "integrity", "metrics", "rss", "png"]
