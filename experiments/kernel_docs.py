@@ -97,10 +97,24 @@ def bucket_table(y: Sequence[int], p: Sequence[int], lengths: Sequence[int], n_b
     return out
 
 
+def shown_path(path: Path | str) -> str:
+    """A model's folder as the record shows it: relative to the checkout when
+    inside it, so a record does not name the machine it was made on."""
+    repo = Path(__file__).resolve().parents[1]
+    p = Path(path).absolute()
+    try:
+        return str(p.relative_to(repo))
+    except ValueError:
+        try:
+            return str(p.relative_to(Path.cwd().absolute()))
+        except ValueError:
+            return str(path)
+
+
 def _training_info(model_dir: Path, model) -> dict:
     """What the report says of how a model was trained (read fresh each time:
     a run still training has a longer history on the next report)."""
-    info = {"path": str(model_dir), "arch": model.config.arch, "max_length": model.config.max_length,
+    info = {"path": shown_path(model_dir), "arch": model.config.arch, "max_length": model.config.max_length,
             "parameters": sum(p.numel() for p in model.parameters())}
     training = model_dir / "training.json"
     if not training.is_file() and (model_dir.parent / "checkpoint" / "trainer.json").is_file():
@@ -162,7 +176,7 @@ def score_models(models: dict[str, str], data_dir: str | Path, cache: Path, devi
         path = Path(path)
         if not (path / "model.safetensors").is_file():
             log(f"kernel-docs: {name}: no model at {path}, skipped")
-            out["models"][name] = {"missing": str(path)}
+            out["models"][name] = {"missing": shown_path(path)}
             continue
         log(f"kernel-docs: scoring {name} ({path})")
         pred, lengths, info = _predict(path, [d.text for d in docs], cache, "plain", device)
