@@ -1,18 +1,28 @@
-"""Shared frame of every attention mechanism: projections, RoPE, chunk padding.
+"""Shared frame of every attention mechanism: projections, RoPE, the registry's declarations.
 
-Each mechanism subclasses `Attention` and implements
+The math lives in bsbr_core.ops.<mech> (defined once); each mechanism
+subclasses `Attention`, holds its parameters and implements
 - `attend(q, k, v, x, pos0, mask, state, commit)`: the parallel form over a
   piece that starts at absolute position pos0 (a multiple of the chunk size)
-  given the state carried from earlier pieces. One-shot inference is this
-  with state=None over the whole sequence; streaming is the same over each
-  piece, so both run the same code.
-- `naive(q, k, v, x, mask, state=None, pos0=0)`: an obviously-correct, slow
-  loop over the same piece entered with the same carried state, used only by
-  tests. It returns (outputs, final state): the state in `attend`'s layout
-  (the same keys; append-log entries as `AppendLog`s), as `attend` returns it
-  with commit=True. Mechanisms whose math depends on absolute positions
-  (standard, sliding_window, bsbr) check that the state is that of the pos0
-  tokens before the piece.
+  given the state carried from earlier pieces (the op's `streaming`).
+  One-shot inference is this with state=None over the whole sequence;
+  streaming is the same over each piece, so both run the same code.
+- `attend_chunks(q, k, v, x, mask, parts, extras)`: the same over whole
+  chunks with the carried state as the flat tensors of `state_layout` (the
+  op's `chunkwise`): what the ONNX graph runs.
+- `naive(q, k, v, x, mask, state=None, pos0=0)`: the op's obviously-correct,
+  slow loop over the same piece entered with the same carried state, used
+  only by tests. It returns (outputs, final state): the state in `attend`'s
+  layout (the same keys; append-log entries as `AppendLog`s), as `attend`
+  returns it with commit=True. Mechanisms whose math depends on absolute
+  positions (standard, sliding_window, bsbr) check that the state is that of
+  the pos0 tokens before the piece.
+and declares, for the registry (bsbr_core.attention.MECHANISMS), what the
+export, the ONNX runtime and the state checks need to know about it:
+`ops` (its op module, whose `state_layout(cfg)` says what it carries),
+`export_inputs` (scalar graph inputs beyond ids, mask and position, with
+`export_examples` to trace them) and `export_history(cfg)` (an example
+history length for tracing).
 """
 from __future__ import annotations
 
@@ -23,43 +33,45 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsbr_core.config import ModelConfig
+from bsbr_core.ops.common import (  # noqa: F401 - re-exported for the mechanisms and the tests
+    StateEntry,
+    carried,
+    nonempty_keys,
+    pad_len,
+    pad_seq,
+    padded_mask,
+    valid_mask,
+)
 from bsbr_core.rope import apply_rope, rope_cos_sin
-from bsbr_core.state import AppendLog
-
-
-def pad_len(n: int, block: int) -> int:
-    return (-n) % block
-
-
-def pad_seq(t: torch.Tensor, pad: int, dim: int = -2, value: float = 0.0) -> torch.Tensor:
-    """Right-pad t along `dim` by `pad` entries."""
-    if pad == 0:
-        return t.contiguous()
-    shape = list(t.shape)
-    shape[dim] = pad
-    return torch.cat([t, t.new_full(shape, value)], dim=dim)
-
-
-def valid_mask(mask: torch.Tensor | None, b: int, n: int, device) -> torch.Tensor:
-    """(b, n) bool: True for real tokens."""
-    if mask is None:
-        return torch.ones(b, n, dtype=torch.bool, device=device)
-    return mask.to(torch.bool)
-
-
-def nonempty_keys(key_ok: torch.Tensor) -> torch.Tensor:
-    """Where a query would see no key at all (a block that is all padding),
-    let it see every key: its output is discarded, and this avoids NaN."""
-    return key_ok | ~key_ok.any(dim=-1, keepdim=True)
-
-
-def carried(value) -> torch.Tensor | None:
-    """A carried state entry as a tensor: an AppendLog's entries, or the tensor itself."""
-    return value.view if isinstance(value, AppendLog) else value
 
 
 class Attention(nn.Module):
     """Multi-head attention frame: x (b, n, D) -> (b, n, D)."""
+
+    ops = None  # the mechanism's module in bsbr_core.ops
+    export_inputs: tuple[str, ...] = ()  # scalar inputs of the exported graph, in order
+
+    @classmethod
+    def state_layout(cls, cfg: ModelConfig) -> list[StateEntry]:
+        """Per layer: the StateEntry (name, kind, shape after batch) of each carried tensor."""
+        return cls.ops.state_layout(cfg)
+
+    @classmethod
+    def export_history(cls, cfg: ModelConfig) -> int:
+        """An example length of the "log" entries' history, for tracing (0: the mechanism has none)."""
+        fn = getattr(cls.ops, "export_history", None)
+        return fn(cfg) if fn is not None else 0
+
+    @classmethod
+    def export_values(cls, layer_state: dict | None, piece_tokens: int) -> list[int]:
+        """Values of `export_inputs` for a piece of piece_tokens tokens entered
+        with a layer's carried state (None: a new document)."""
+        return cls.ops.export_values(layer_state, piece_tokens) if cls.export_inputs else []
+
+    @classmethod
+    def export_examples(cls, cfg: ModelConfig, piece_tokens: int) -> list[int]:
+        """Example values of `export_inputs` for tracing a piece of piece_tokens tokens."""
+        return cls.ops.export_examples(cfg, piece_tokens) if cls.export_inputs else []
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -116,6 +128,13 @@ class Attention(nn.Module):
         return self.out(torch.cat(outs, dim=1)), new_states
 
     def attend(self, q, k, v, x, pos0, mask, state, commit):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def attend_chunks(self, q, k, v, x, mask, parts, extras=()):  # pragma: no cover - abstract
+        """Whole chunks: q, k, v (b, H, C*B, d), x (b, C*B, D), mask (b, C*B) bool,
+        parts this layer's carried tensors in `state_layout` order, extras the
+        `export_inputs`. Returns (o (b, H, C*B, d), the new parts: a log's new
+        entries, a tensor's replacement, a window's w slots)."""
         raise NotImplementedError
 
     def naive(self, q, k, v, x, mask, state=None, pos0=0):  # pragma: no cover - abstract

@@ -41,9 +41,10 @@ import onnx
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from bsbr_core.attention import mechanism
 from bsbr_core.config import ModelConfig
 from bsbr_core.model import weights_digest
-from bsbr_core.onnx.graphs import SegmentEncoder, state_layout
+from bsbr_core.onnx.graphs import SegmentEncoder
 
 # Bumped whenever the graphs' formulation or I/O changes, so old caches re-export.
 EXPORT_FORMAT = 1
@@ -78,12 +79,11 @@ def _file_sha256(path: Path) -> str:
 
 def encoder_io(cfg: ModelConfig) -> tuple[list[str], list[str]]:
     """Input and output names of encoder.onnx, in order."""
-    inputs = ["input_ids", "attention_mask", "position"]
-    if cfg.arch == "sliding_window":
-        inputs += ["window_count", "piece_length"]
+    spec = mechanism(cfg.arch)
+    inputs = ["input_ids", "attention_mask", "position", *spec.export_inputs]
     outputs = ["hidden"]
     for i in range(cfg.num_layers):
-        for name, _kind, _shape in state_layout(cfg):
+        for name, _kind, _shape in spec.state_layout(cfg):
             inputs.append(f"layers.{i}.{name}")
             outputs.append(f"layers.{i}.{name}.new")
     return inputs, outputs
@@ -95,20 +95,21 @@ def _encoder_example(cfg: ModelConfig):
     """Example inputs and dynamic shapes of encoder.onnx. Example sizes are
     distinct and >= 2 so that export neither specialises nor ties them."""
     Dim = torch.export.Dim
+    spec = mechanism(cfg.arch)
     B = cfg.block_size
     batch, chunks = Dim("batch", min=1), Dim("chunks", min=1)
-    history = Dim("history", min=0)  # committed chunks (bsbr) or tokens (standard)
+    history = Dim("history", min=0)  # the length of the "log" entries (the mechanism's unit)
     piece = B * chunks
     b, C = 2, 3
-    hist = 5 if cfg.arch == "bsbr" else 4 * B + 1
+    hist = spec.export_history(cfg)
     args = [torch.randint(0, cfg.vocab_size, (b, C * B)), torch.ones(b, C * B, dtype=torch.int64),
             torch.tensor(7 * B, dtype=torch.int64)]
     dyn = [{0: batch, 1: piece}, {0: batch, 1: piece}, None]
-    if cfg.arch == "sliding_window":
-        args += [torch.tensor(min(cfg.window, 3), dtype=torch.int64), torch.tensor(C * B - 1, dtype=torch.int64)]
-        dyn += [None, None]
+    for value in spec.export_examples(cfg, C * B):  # the mechanism's scalar inputs
+        args.append(torch.tensor(value, dtype=torch.int64))
+        dyn.append(None)
     for _ in range(cfg.num_layers):
-        for _name, kind, shape in state_layout(cfg):
+        for _name, kind, shape in spec.state_layout(cfg):
             args.append(torch.randn(b, *[hist if s == -1 else s for s in shape]) * 0.1)
             dyn.append({0: batch, 2: history} if kind == "log" else {0: batch})
     # forward(input_ids, attention_mask, position, *rest): export sees *rest as one tuple argument.
@@ -223,11 +224,12 @@ def compose_forward(encoder: onnx.ModelProto, cfg: ModelConfig, head_weight: np.
         helper.make_node("Pad", [ids, p + "pads", p + "zero"], [p + "ids_padded"]),
         helper.make_node("Pad", [mask, p + "pads", p + "zero"], [p + "mask_padded"]),
     ]
-    feeds = {"input_ids": p + "ids_padded", "attention_mask": p + "mask_padded", "position": p + "zero"}
-    if cfg.arch == "sliding_window":
-        feeds.update(window_count=p + "zero", piece_length=p + "zero")
+    spec = mechanism(cfg.arch)
+    # A one-shot read starts from an empty state: every extra scalar input is 0.
+    feeds = {"input_ids": p + "ids_padded", "attention_mask": p + "mask_padded", "position": p + "zero",
+             **{name: p + "zero" for name in spec.export_inputs}}
     for i in range(cfg.num_layers):
-        for name, _kind, shape in state_layout(cfg):
+        for name, _kind, shape in spec.state_layout(cfg):
             dims = np.array([0 if s == -1 else s for s in shape], np.int64)
             key = f"layers.{i}.{name}"
             inits.append(c(f"{key}.dims", dims))
@@ -304,7 +306,7 @@ def export_onnx(model, out_dir: str | Path, weights_sha256: str | None = None, o
                 "weights_sha256": digest,
                 "config": cfg.to_dict(),
                 "block_size": cfg.block_size,
-                "state_layout": [[name, kind] for name, kind, _ in state_layout(cfg)],
+                "state_layout": [[name, kind] for name, kind, _ in mechanism(cfg.arch).state_layout(cfg)],
                 "graphs": graphs,
             }
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

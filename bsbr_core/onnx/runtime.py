@@ -26,13 +26,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bsbr_core.attention import mechanism
 from bsbr_core.config import ModelConfig
 from bsbr_core.io import load_config
 from bsbr_core.model import DocumentReader, build_model, check_token_ids, model_fingerprint
 from bsbr_core.onnx.export import (
     ENCODER_FILE, FORWARD_FILE, StaleGraphError, check_manifest, default_opset, export_onnx, weights_digest,
 )
-from bsbr_core.onnx.graphs import state_layout
 from bsbr_core.pooling import build_pooling
 from bsbr_core.state import AppendLog, State
 
@@ -104,19 +104,20 @@ class OrtEncoder:
     `Encoder.forward_ragged` computed by encoder.onnx.
 
     Pads the piece to whole chunks (masked), feeds the carried state as flat
-    tensors (`layout`: graphs.state_layout) and folds the graph's new state
+    tensors (`layout`: the mechanism's state_layout) and folds the graph's new state
     parts back into the layer dicts with bsbr_core's AppendLog, exactly as the
     torch attention modules do. Nothing here depends on the mechanism beyond
-    the layout and the graph's own inputs and outputs.
+    what it declares in the registry: its layout and its scalar inputs.
     """
 
-    def __init__(self, session: ort.InferenceSession, layout: list[tuple[str, str, tuple]], cfg: ModelConfig):
+    def __init__(self, session: ort.InferenceSession, cfg: ModelConfig):
         self.session = session
-        self.layout = layout
+        spec = mechanism(cfg.arch)
+        self.layout = spec.state_layout(cfg)
+        # The mechanism's scalar inputs (e.g. sliding_window's window_count and
+        # piece_length), with the values it gives them for a piece.
+        self.export_inputs, self.export_values = spec.export_inputs, spec.export_values
         self.num_layers, self.hidden_dim, self.block_size = cfg.num_layers, cfg.hidden_dim, cfg.block_size
-        # A graph that keeps the last w keys (kind "window") is told how many of
-        # its w slots the carried state fills and where the piece's real tokens end.
-        self.windowed = {"window_count", "piece_length"} <= {i.name for i in session.get_inputs()}
 
     @staticmethod
     def _feed(layer: dict | None, name: str, kind: str, shape: tuple, b: int) -> np.ndarray:
@@ -130,13 +131,6 @@ class OrtEncoder:
         if value is None:
             return np.zeros((b, *[0 if s == -1 else s for s in shape]), np.float32)
         return _np(value)
-
-    def _window_count(self, layer_states) -> int:
-        """Slots of the window the carried state fills (0 for a fresh document)."""
-        if not layer_states:
-            return 0
-        name = next(name for name, kind, _ in self.layout if kind == "window")
-        return layer_states[0][name].shape[2]
 
     def __call__(self, ids, pos0=0, mask=None, layer_states=None, commit=True, impl="fast"):
         if impl != "fast":
@@ -152,10 +146,9 @@ class OrtEncoder:
             "attention_mask": _np(F.pad(real, (0, pad))),
             "position": np.array(pos0, np.int64),
         }
-        carried = self._window_count(layer_states) if self.windowed else 0
-        if self.windowed:
-            feeds["window_count"] = np.array(carried, np.int64)
-            feeds["piece_length"] = np.array(n, np.int64)
+        first = layer_states[0] if layer_states else None
+        for name, value in zip(self.export_inputs, self.export_values(first, n)):
+            feeds[name] = np.array(value, np.int64)
         for i in range(L):
             layer = layer_states[i] if layer_states else None
             for name, kind, shape in self.layout:
@@ -179,8 +172,10 @@ class OrtEncoder:
                     history = old[name] if old else AppendLog.empty(2)
                     _, layer[name] = history.extend(part[:, :, :entries], True)
                 elif kind == "window":
+                    # The graph returns the w slots that end at the piece's last
+                    # token; the valid ones are the carried and the new, up to w.
                     w = shape[1]
-                    keep = min(w, carried + n)
+                    keep = min(w, (old[name].shape[2] if old else 0) + n)
                     layer[name] = part[:, :, w - keep :]
                 else:
                     layer[name] = part
@@ -229,7 +224,7 @@ class OrtClassifier:
         self.onnx_dir = Path(onnx_dir)
         self.manifest = check_manifest(self.onnx_dir, cfg, self.fingerprint, weights_sha256, opset)
         providers = default_providers() if providers is None else providers
-        self.encoder = OrtEncoder(_session(self.onnx_dir / ENCODER_FILE, providers, threads), state_layout(cfg), cfg)
+        self.encoder = OrtEncoder(_session(self.onnx_dir / ENCODER_FILE, providers, threads), cfg)
         self._forward_session = _session(self.onnx_dir / FORWARD_FILE, providers, threads)
         self.providers = self._forward_session.get_providers()
         self.pooling = _module_from(build_pooling(cfg.pooling, cfg.hidden_dim), weights, "pooling.")
