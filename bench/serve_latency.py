@@ -3,16 +3,22 @@
 Starts a local Ray with the Serve application (one replica per model, the
 machine's cores for torch), then measures over real HTTP on 127.0.0.1:
 
-1. one-shot classify latency of a 10-page and a 100-page document;
+1. one-shot classify latency of a 10-page and a 100-page document, and the
+   same 100-page document read in-process one-shot (`model(ids)`, no server):
+   `oneshot_over_inprocess` is the server's wall time over that (target <= 1.3);
 2. per-page latency along one streamed document (a session, page by page),
    reported at pages 1, 50 and 200: `page_ms` is the model step (what
    bsbr_page_latency_seconds records), `request_ms` the whole HTTP request
-   including the checkpoint of the state to the session store;
+   including the checkpoint of the state to the session store, and
+   `request_over_step` their ratio (target <= 1.5 at pages 1 and 200);
 3. throughput (pages/s) of 8 documents read by 1 session at a time vs 8
    concurrent sessions;
 4. HTTP end-to-end throughput of (3, 8 concurrent) as a fraction of the
    engine's in-process throughput on the same documents (same engine code,
-   an in-memory store, no Ray, no HTTP).
+   an in-memory store, no Ray, no HTTP): `http_over_engine` (target >= 0.8).
+
+The JSON records the load average before and after the run (`loadavg`):
+figures taken on a loaded machine are only comparable side by side.
 
 A page is about `page_tokens` (512) tokens of generated prose, sent as an
 element of `pages`. Models: `--models-dir` (default models/), else random-init
@@ -20,7 +26,8 @@ reference-size models (hidden 256, 4 layers, chunk 128, vocab 16384) written
 to a temporary directory, labelled untrained in the JSON.
 
     python bench/serve_latency.py                      # writes bench/results/serve_latency.json
-    python bench/serve_latency.py --quick              # small sizes, a smoke run
+    python bench/serve_latency.py --quick              # bsbr only (a few minutes)
+    python bench/serve_latency.py --smoke              # tiny sizes, a smoke run
 """
 from __future__ import annotations
 
@@ -75,7 +82,8 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                          "python": platform.python_version()}}
+                                          "python": platform.python_version()},
+                              "loadavg": {"before": list(os.getloadavg())}}
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -87,7 +95,7 @@ class Bench:
             trained = all(is_trained(root / n) for n in ("bsbr", "standard"))
             return root, trained
         tmp = Path(tempfile.mkdtemp(prefix="bsbr-bench-models-"))
-        size = "tiny" if self.args.quick else "reference"
+        size = "tiny" if self.args.smoke else "reference"
         print(f"no bsbr+standard under {root}: writing random-init {size} models to {tmp}", flush=True)
         write_random_models(tmp, ("bsbr", "standard"), size=size, vocab_size=16384 if size == "reference" else 300)
         return tmp, False
@@ -106,14 +114,17 @@ class Bench:
 
     # --- measurements -------------------------------------------------------------------------
 
-    def oneshot(self, c: httpx.Client, model: str, pages: list[str]) -> dict:
-        n_pages = len(pages)
-        t0 = time.perf_counter()
-        r = c.post("/v1/classify", json={"model": model, "pages": pages})
-        wall = (time.perf_counter() - t0) * 1000
-        r.raise_for_status()
-        body = r.json()
-        return {"pages": n_pages, "tokens": body["num_tokens"], "http_ms": wall, "server_ms": body["timing"]["total_ms"],
+    def oneshot(self, c: httpx.Client, model: str, pages: list[str], repeats: int = 3) -> dict:
+        """The document in one classify request (best of `repeats`, as the in-process reference)."""
+        n_pages, walls = len(pages), []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            r = c.post("/v1/classify", json={"model": model, "pages": pages})
+            walls.append((time.perf_counter() - t0) * 1000)
+            r.raise_for_status()
+            body = r.json()
+        return {"pages": n_pages, "tokens": body["num_tokens"], "http_ms": min(walls), "all_http_ms": walls,
+                "server_ms": body["timing"]["total_ms"],
                 "peak_memory_bytes": body["peak_memory_bytes"], "state_bytes": body["state_bytes"]}
 
     def stream(self, c: httpx.Client, model: str, pages: list[str]) -> dict:
@@ -131,9 +142,41 @@ class Bench:
                 print(f"    {model}: page {i + 1}/{len(pages)}  step {page_ms[-1]:.0f} ms  "
                       f"request {request_ms[-1]:.0f} ms  state {state_bytes[-1] / 2**20:.1f} MiB", flush=True)
         c.delete(f"/v1/sessions/{sid}")
-        at = {str(k): {"page_ms": page_ms[k - 1], "request_ms": request_ms[k - 1], "state_bytes": state_bytes[k - 1]}
+        at = {str(k): {"page_ms": page_ms[k - 1], "request_ms": request_ms[k - 1], "state_bytes": state_bytes[k - 1],
+                       "request_over_step": request_ms[k - 1] / page_ms[k - 1]}
               for k in (1, 50, 200) if k <= len(pages)}
         return {"at_page": at, "page_ms": page_ms, "request_ms": request_ms, "state_bytes": state_bytes}
+
+    def inprocess_oneshot(self, root: Path, model: str, pages: list[str], repeats: int = 3) -> dict:
+        """The document read by the model in this process, one-shot: `model(ids)` (best of
+        `repeats`; `ms`, the reference), and in steps of 4096 tokens (`steps_4096_ms`,
+        what the engine's one-shot runs)."""
+        import torch
+
+        from bsbr_core import load_model
+
+        torch.set_num_threads(os.cpu_count() or 2)
+        m, tok = load_model(root / model)
+        ids = torch.tensor([[i for p in pages for i in tok.encode(p, add_special_tokens=False).ids]])
+
+        def best(fn) -> tuple[float, list[float]]:
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append((time.perf_counter() - t0) * 1000)
+            return min(times), times
+
+        def stepped():
+            state = m.init_state(1)
+            for lo in range(0, ids.shape[1], 4096):
+                _, state = m.step(ids[:, lo : lo + 4096], state)
+
+        with torch.no_grad():
+            m(ids[:, :512])  # warm-up
+            ms, all_ms = best(lambda: m(ids))
+            steps_ms, _ = best(stepped)
+        return {"pages": len(pages), "tokens": int(ids.shape[1]), "ms": ms, "all_ms": all_ms, "steps_4096_ms": steps_ms}
 
     def http_throughput(self, url: str, model: str, docs: list[list[str]], concurrency: int) -> dict:
         """pages/s for reading every doc as a session, `concurrency` sessions at a time."""
@@ -241,19 +284,29 @@ class Bench:
             serve.shutdown()
             ray.shutdown()
         for m in a.models:
+            print(f"[{m}] in-process one-shot, {len(all_pages[:100])} pages", flush=True)
+            ref = self.inprocess_oneshot(root, m, all_pages[:100])
+            self.results.setdefault("oneshot_inprocess", {})[m] = ref
+            self.results.setdefault("oneshot_over_inprocess", {})[m] = self.results["oneshot"][m]["100"]["http_ms"] / ref["ms"]
+        for m in a.models:
             print(f"[{m}] in-process engine throughput", flush=True)
             eng = {str(k): self.engine_throughput(root, m, docs, k) for k in (1, 8)}
             self.results.setdefault("throughput_engine", {})[m] = eng
             http8 = self.results["throughput_http"][m]["8"]["pages_per_s"]
             self.results.setdefault("http_over_engine", {})[m] = http8 / eng["8"]["pages_per_s"]
+        self.results["loadavg"]["after"] = list(os.getloadavg())
         return self.results
 
 
 def summary(r: dict) -> str:
     lines = [(f"models: {r['models_dir']} ({'trained' if r['trained'] else 'UNTRAINED random init'}), "
               f"page = {r['page_tokens']} tokens, {r['machine']['cpus']} CPUs")]
-    lines.append(f"{'':<10}{'1-shot 10p ms':>15}{'1-shot 100p ms':>16}{'p1 step':>9}{'p50 step':>9}{'p200 step':>10}"
-                 f"{'p1 req':>8}{'p50 req':>9}{'p200 req':>10}{'1 sess p/s':>11}{'8 sess p/s':>11}{'http/eng':>9}")
+    la = r.get("loadavg", {})
+    lines.append(f"load average (1, 5, 15 min) before {la.get('before')}, after {la.get('after')}")
+    lines.append(f"{'':<10}{'1-shot 10p ms':>15}{'1-shot 100p ms':>16}{'in-proc ms':>11}{'1shot/inp':>10}"
+                 f"{'p1 step':>9}{'p50 step':>9}{'p200 step':>10}"
+                 f"{'p1 req':>8}{'p50 req':>9}{'p200 req':>10}{'req/step p1':>12}{'p200':>6}"
+                 f"{'1 sess p/s':>11}{'8 sess p/s':>11}{'http/eng':>9}")
     for m in r.get("oneshot", {}):
         o, at = r["oneshot"][m], r["stream"][m]["at_page"]
         t = r["throughput_http"][m]
@@ -261,9 +314,16 @@ def summary(r: dict) -> str:
         def g(k, f, at=at):
             return f"{at[k][f]:.0f}" if k in at else "-"
 
-        lines.append(f"{m:<10}{o['10']['http_ms']:>15.0f}{o['100']['http_ms']:>16.0f}{g('1', 'page_ms'):>9}"
+        def ratio(k, at=at):
+            return f"{at[k]['request_over_step']:.2f}" if k in at else "-"
+
+        inp = r.get("oneshot_inprocess", {}).get(m, {}).get("ms")
+        over = r.get("oneshot_over_inprocess", {}).get(m)
+        lines.append(f"{m:<10}{o['10']['http_ms']:>15.0f}{o['100']['http_ms']:>16.0f}"
+                     f"{(f'{inp:.0f}' if inp else '-'):>11}{(f'{over:.2f}' if over else '-'):>10}{g('1', 'page_ms'):>9}"
                      f"{g('50', 'page_ms'):>9}{g('200', 'page_ms'):>10}{g('1', 'request_ms'):>8}{g('50', 'request_ms'):>9}"
-                     f"{g('200', 'request_ms'):>10}{t['1']['pages_per_s']:>11.2f}{t['8']['pages_per_s']:>11.2f}"
+                     f"{g('200', 'request_ms'):>10}{ratio('1'):>12}{ratio('200'):>6}"
+                     f"{t['1']['pages_per_s']:>11.2f}{t['8']['pages_per_s']:>11.2f}"
                      f"{r['http_over_engine'][m]:>9.2f}")
     return "\n".join(lines)
 
@@ -301,7 +361,8 @@ def main() -> int:
     p.add_argument("--tp-docs", type=int, default=8, help="documents for the throughput runs")
     p.add_argument("--tp-pages", type=int, default=4, help="pages per throughput document")
     p.add_argument("--object-store-mb", type=int, default=3072)
-    p.add_argument("--quick", action="store_true", help="tiny models and few pages: a smoke run")
+    p.add_argument("--quick", action="store_true", help="bsbr only, every measurement at full size (a few minutes)")
+    p.add_argument("--smoke", action="store_true", help="tiny models and few pages: a smoke run")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_latency.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and PNG from --out")
     a = p.parse_args()
@@ -313,6 +374,8 @@ def main() -> int:
         return 0
     a.models = [m for m in a.models.split(",") if m]
     if a.quick:
+        a.models = ["bsbr"]
+    if a.smoke:
         a.stream_pages, a.page_tokens, a.object_store_mb = 60, 64, 300
     r = Bench(a).run()
     out.parent.mkdir(parents=True, exist_ok=True)
