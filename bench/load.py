@@ -77,6 +77,8 @@ REQUEST_TYPES = (CREATE, APPEND, RETRY, GET, DELETE, CLASSIFY, CHECK, STREAM)
 EXPECTED_STATUS = {CREATE: 201}
 # Which processes' RSS is sampled: every Serve replica, and the shared pieces
 # a soak could grow (the session store actor holds every checkpoint).
+# What the replicas hold, sampled beside the RSS (metric, series name).
+HELD_GAUGES = (("ray_bsbr_sessions_active", "hot sessions"), ("ray_bsbr_session_store_bytes", "session store bytes"))
 SAMPLED_PREFIXES = ("ray::ServeReplica:", "ray::SessionStoreActor", "ray::ProxyActor", "ray::ServeController")
 
 
@@ -451,12 +453,15 @@ def rss_bytes(pid: int) -> int | None:
 class RssSampler:
     """Every `every_s`, the RSS of each sampled server process: from /proc below `root_pid`,
     or, without one, Ray's ray_component_rss_bytes (one series per process title, summed
-    over processes of the same title)."""
+    over processes of the same title). Beside it, from the metrics, what the replicas hold
+    (sessions held hot per model, the session store's bytes), so that growth can be told
+    from a working set."""
 
     def __init__(self, root_pid: int | None, metrics_url: str | None, every_s: float):
         self.root_pid, self.metrics_url, self.every_s = root_pid, metrics_url, every_s
         self.source = "/proc" if root_pid else "ray_component_rss_bytes"
         self.series: dict[str, list[tuple[float, int]]] = defaultdict(list)
+        self.held: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.t0 = time.monotonic()
         self.greenlet = None
 
@@ -467,14 +472,23 @@ class RssSampler:
                 rss = rss_bytes(pid)
                 if rss is not None:
                     self.series[f"{title} (pid {pid})"].append((t, rss))
-        elif self.metrics_url:
+        if not self.metrics_url:
+            return
+        m = scrape(self.metrics_url)
+        if not self.root_pid:
             now: Counter = Counter()
-            for labels, v in scrape(self.metrics_url).get("ray_component_rss_bytes", {}).items():
+            for labels, v in m.get("ray_component_rss_bytes", {}).items():
                 title = dict(labels).get("Component", "")
                 if title.startswith(SAMPLED_PREFIXES):
                     now[process_name(title)] += int(v)
             for name, v in now.items():
                 self.series[name].append((t, v))
+        for metric, what in HELD_GAUGES:
+            by_model: Counter = Counter()
+            for labels, v in m.get(metric, {}).items():
+                by_model[dict(labels).get("model")] += v
+            for model, v in by_model.items():
+                self.held[f"{what} ({model})" if model else what].append((t, v))
 
     def run(self) -> None:
         while True:
@@ -642,7 +656,8 @@ def run(a: argparse.Namespace) -> dict:
         result["metrics"] = None
     result["rss"] = {"source": sampler.source, "sample_s": a.sample_s, "growth_from_s": a.growth_from_s,
                      "growth": sampler.growth(a.growth_from_s),
-                     "series": {k: [[round(t, 2), v] for t, v in pts] for k, pts in sampler.series.items()}}
+                     "series": {k: [[round(t, 2), v] for t, v in pts] for k, pts in sampler.series.items()},
+                     "held": {k: [[round(t, 2), v] for t, v in pts] for k, pts in sampler.held.items()}}
     return result
 
 
@@ -681,7 +696,7 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bx) = plt.subplots(2, 1, figsize=(11, 7), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, hx, bx) = plt.subplots(3, 1, figsize=(11, 9), sharex=True, gridspec_kw={"height_ratios": [3, 1, 1]})
     colors = plt.get_cmap("tab20").colors
     for k, (name, pts) in enumerate(sorted(r["rss"]["series"].items())):
         if pts:
@@ -693,6 +708,14 @@ def plot(r: dict, path: Path) -> None:
                  f"({r['rss']['source']})", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for name, pts in sorted(r["rss"].get("held", {}).items()):
+        if pts and name.startswith("hot sessions"):
+            ts, vs = zip(*pts)
+            hx.step(ts, vs, where="post", label=name)
+    hx.set_ylabel("sessions held hot")
+    hx.grid(alpha=0.3)
+    if hx.lines:
+        hx.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     w = r["pages_per_s_over_time"]
     if w["values"]:  # each window's rate drawn across its window
         n = len(w["values"])

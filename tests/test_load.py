@@ -94,7 +94,10 @@ class Reference:
     def metrics(self) -> str:
         lines = ["# TYPE ray_bsbr_session_resumes_total counter"]
         lines += [f'ray_bsbr_session_resumes_total{{model="bsbr",source="{k}"}} {v}' for k, v in self.resumes.items()]
-        lines += ["# TYPE ray_component_rss_bytes gauge",
+        lines += ["# TYPE ray_bsbr_sessions_active gauge",
+                  f'ray_bsbr_sessions_active{{model="bsbr",replica="r1"}} {len(self.sessions)}',
+                  'ray_bsbr_sessions_active{model="bsbr",replica="r2"} 1',
+                  "# TYPE ray_component_rss_bytes gauge",
                   'ray_component_rss_bytes{Component="ray::ServeReplica:bsbr:bsbr.handle_request"} 1.5e+08',
                   'ray_component_rss_bytes{Component="ray::ServeReplica:bsbr:api"} 1.0e+08']
         return "\n".join(lines) + "\n"
@@ -222,6 +225,9 @@ def test_a_correct_server_gives_a_clean_report_that_counts_everything(tmp_path):
     assert r["rss"]["source"] == "ray_component_rss_bytes"
     assert set(r["rss"]["series"]) == {"ray::ServeReplica:bsbr:bsbr", "ray::ServeReplica:bsbr:api"}
     assert r["rss"]["growth"]["ray::ServeReplica:bsbr:bsbr"]["growth_mib"] == 0
+    # Sessions held hot: summed over a model's replicas (the reference's r2 always holds one).
+    held = r["rss"]["held"]["hot sessions (bsbr)"]
+    assert len(held) >= 3 and all(v >= 1 for _, v in held) and max(v for _, v in held) > 1
     assert Path(r["png"]).stat().st_size > 0
 
 
