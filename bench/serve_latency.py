@@ -28,6 +28,16 @@ to a temporary directory, labelled untrained in the JSON.
     python bench/serve_latency.py                      # writes bench/results/serve_latency.json
     python bench/serve_latency.py --quick              # bsbr only (a few minutes)
     python bench/serve_latency.py --smoke              # tiny sizes, a smoke run
+    python bench/serve_latency.py --cpu-profile        # where a page request's CPU goes (below)
+
+`--cpu-profile` starts `bsbr-serve up` (every model under --models-dir, as
+`make up` does), sends 40 sequential session pages of ~680 tokens to bsbr
+and then 40 one-shot classifies of the same text, and reads each server
+process's CPU time (utime + stime, /proc/<pid>/stat) before and after:
+CPU ms per request of the proxy, the `api` ingress, the Serve controller,
+the bsbr replica, the session store actor, the GCS and the raylet, next to
+the request's wall time and the model step it reports. Writes
+bench/results/serve_cpu_profile.json.
 """
 from __future__ import annotations
 
@@ -352,6 +362,115 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# --- where a page request's CPU goes -------------------------------------------------------------
+
+# Process titles Ray gives the server's processes (`ray::<actor class>`), and the
+# names they are reported by.
+PROCESS_TITLES = (("ServeController", "controller"), ("ProxyActor", "proxy"), ("ServeReplica:bsbr:api", "api"),
+                  ("ServeReplica:bsbr:bsbr", "bsbr"), ("SessionStoreActor", "store"), ("gcs_server", "gcs"),
+                  ("raylet", "raylet"))
+
+
+def cpu_ms(pid: int) -> float:
+    """utime + stime of a process, in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000.0 / os.sysconf("SC_CLK_TCK")
+
+
+def descendants(pid: int) -> list[tuple[int, str]]:
+    """(pid, command line) of every process below pid."""
+    import subprocess
+
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid=,args="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[tuple[int, str]]] = {}
+    for line in out.splitlines():
+        p, pp, *args = line.split(None, 2)
+        children.setdefault(int(pp), []).append((int(p), args[0] if args else ""))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child[0])
+    return found
+
+
+def cpu_profile(a) -> dict:
+    import signal
+    import subprocess
+
+    from tokenizers import Tokenizer
+
+    root = Path(a.models_dir) if a.models_dir else ROOT / "models"
+    port = free_port()
+    up = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--host", "127.0.0.1", "--port", str(port),
+                           "--models-dir", str(root), "--metrics-port", str(free_port())], cwd=str(ROOT),
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    out: dict = {"models_dir": str(root), "requests": a.profile_requests, "loadavg": {"before": list(os.getloadavg())}}
+    try:
+        deadline = time.time() + 600
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or up.poll() is not None:
+                raise SystemExit("bsbr-serve up never became ready")
+            time.sleep(1)
+        procs: dict[str, int] = {}
+        for pid, cmd in descendants(up.pid):
+            for title, name in PROCESS_TITLES:
+                if title in cmd and name not in procs:
+                    procs[name] = pid
+        tok = Tokenizer.from_file(str(root / "bsbr" / "tokenizer.json"))
+        text = make_text(tok, 680, seed=3)
+        n = a.profile_requests
+        with httpx.Client(base_url=url, timeout=600) as c:
+            for _ in range(3):  # warm-up
+                c.post("/v1/classify", json={"model": "bsbr", "text": text}).raise_for_status()
+            sid = c.post("/v1/sessions", json={"model": "bsbr"}).json()["session_id"]
+            c.post(f"/v1/sessions/{sid}/pages", json={"seq": 0, "text": text}).raise_for_status()
+            for mode in ("session", "oneshot"):
+                before = {k: cpu_ms(p) for k, p in procs.items()}
+                steps, t0 = [], time.perf_counter()
+                for i in range(1, n + 1):
+                    if mode == "session":
+                        r = c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "text": text})
+                        r.raise_for_status()
+                        steps.append(sum(r.json()["timing"]["page_ms"]))
+                    else:
+                        r = c.post("/v1/classify", json={"model": "bsbr", "text": text})
+                        r.raise_for_status()
+                        steps.append(sum(r.json()["timing"]["per_page_ms"]))
+                wall = (time.perf_counter() - t0) * 1000 / n
+                after = {k: cpu_ms(p) for k, p in procs.items()}
+                out[mode] = {"wall_ms_per_request": wall, "model_ms_per_request": sum(steps) / n,
+                             "cpu_ms_per_request": {k: (after[k] - before[k]) / n for k in procs}}
+            c.delete(f"/v1/sessions/{sid}")
+        out["tokens"] = len(tok.encode(text, add_special_tokens=False).ids)
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(120)
+        except subprocess.TimeoutExpired:
+            up.kill()
+    out["loadavg"]["after"] = list(os.getloadavg())
+    return out
+
+
+def profile_summary(r: dict) -> str:
+    names = sorted({k for m in ("session", "oneshot") for k in r[m]["cpu_ms_per_request"]})
+    lines = [(f"CPU ms per request ({r['requests']} sequential requests of {r['tokens']} tokens to bsbr; "
+              f"load average before {r['loadavg']['before']}, after {r['loadavg']['after']})"),
+             f"{'':<9}{'wall ms':>9}{'model ms':>9}" + "".join(f"{k:>11}" for k in names)]
+    for m in ("session", "oneshot"):
+        x = r[m]
+        lines.append(f"{m:<9}{x['wall_ms_per_request']:>9.1f}{x['model_ms_per_request']:>9.1f}"
+                     + "".join(f"{x['cpu_ms_per_request'].get(k, float('nan')):>11.1f}" for k in names))
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default=None)
@@ -363,9 +482,19 @@ def main() -> int:
     p.add_argument("--object-store-mb", type=int, default=3072)
     p.add_argument("--quick", action="store_true", help="bsbr only, every measurement at full size (a few minutes)")
     p.add_argument("--smoke", action="store_true", help="tiny models and few pages: a smoke run")
+    p.add_argument("--cpu-profile", action="store_true", help="only the CPU per request of each server process")
+    p.add_argument("--profile-requests", type=int, default=40)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_latency.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and PNG from --out")
     a = p.parse_args()
+    if a.cpu_profile:
+        out = Path(a.out if a.out != p.get_default("out") else ROOT / "bench" / "results" / "serve_cpu_profile.json")
+        r = cpu_profile(a)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(r, indent=2) + "\n")
+        print(profile_summary(r))
+        print(f"wrote {out}")
+        return 0
     out = Path(a.out)
     if a.replot:
         r = json.loads(out.read_text())
