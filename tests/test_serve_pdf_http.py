@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 from conftest_pdf import page_tokens
-from conftest_serve import MAX_BODY_BYTES, MAX_PDF_PAGES, PDF_TIMEOUT_S, document
+from conftest_serve import LOGIT_TOL, MAX_BODY_BYTES, MAX_PDF_PAGES, PDF_TIMEOUT_S, document
 from pdf_helpers import (
     encrypted_pdf,
     memory_bomb_pdf,
@@ -75,7 +75,9 @@ def test_sessions_take_pdf_pages_with_seq(client, manuals):
     final = client.delete(f"/v1/sessions/{sid}").json()
     pages = extract_pages(first, 100).pages + ["appendix one", "appendix two", "a JSON page"]
     oneshot = client.post("/v1/classify", json={"model": "bsbr", "pages": pages}).json()
-    assert final["logits"] == oneshot["logits"] and final["num_tokens"] == oneshot["num_tokens"]
+    # The same logits to round-off: the session stepped page by page, the one-shot in long segments.
+    assert final["logits"] == pytest.approx(oneshot["logits"], abs=LOGIT_TOL)
+    assert final["num_tokens"] == oneshot["num_tokens"]
 
 
 def test_broken_and_hostile_pdfs_are_json_errors_and_the_server_keeps_serving(client, manuals):
