@@ -56,6 +56,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import gevent
+import gevent.event
 import numpy as np
 import requests
 
@@ -77,6 +78,8 @@ REQUEST_TYPES = (CREATE, APPEND, RETRY, GET, DELETE, CLASSIFY, CHECK, STREAM)
 EXPECTED_STATUS = {CREATE: 201}
 # Which processes' RSS is sampled: every Serve replica, and the shared pieces
 # a soak could grow (the session store actor holds every checkpoint).
+# Set by SIGINT or SIGTERM: the run stops starting documents and shuts its server down.
+STOP = gevent.event.Event()
 # What the replicas hold, sampled beside the RSS (metric, series name).
 HELD_GAUGES = (("ray_bsbr_sessions_active", "hot sessions"), ("ray_bsbr_session_store_bytes", "session store bytes"))
 SAMPLED_PREFIXES = ("ray::ServeReplica:", "ray::SessionStoreActor", "ray::ProxyActor", "ray::ServeController")
@@ -330,16 +333,16 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         deadline = time.time() + ready_timeout_s
-        while time.time() < deadline and self.proc.poll() is None:
+        while time.time() < deadline and self.proc.poll() is None and not STOP.is_set():
             try:
                 if requests.get(f"{self.url}/readyz", timeout=5).status_code == 200:
                     return
             except requests.RequestException:
                 pass
-            time.sleep(1)
+            STOP.wait(1)
         self.stop()
-        raise RuntimeError(f"the server did not become ready in {ready_timeout_s:.0f} s; its log:\n"
-                           + self.log_tail(60))
+        why = "was interrupted" if STOP.is_set() else f"did not become ready in {ready_timeout_s:.0f} s"
+        raise RuntimeError(f"the server {why}; its log:\n" + self.log_tail(60))
 
     def log_tail(self, n: int) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
@@ -392,14 +395,14 @@ def wait_for_resumes(metrics_url: str, before: dict, expected: int, timeout_s: f
     while True:
         now = bsbr_counters(metrics_url)
         seen = now["resumes_hot"] + now["resumes_store"] - before["resumes_hot"] - before["resumes_store"]
-        if seen >= expected or time.time() > deadline:
+        if seen >= expected or time.time() > deadline or STOP.is_set():
             return now
         if last is not None and now != last:
             still_since = time.time()
         if time.time() - still_since > 30:
             return now
         last = now
-        time.sleep(2)
+        STOP.wait(2)
 
 
 def proc_table() -> dict[int, tuple[int, str]]:
@@ -601,13 +604,14 @@ def run(a: argparse.Namespace) -> dict:
         t0 = time.monotonic()
         sampler.start()
         runner.start(a.users, spawn_rate=max(1.0, a.users / 5))
-        while time.monotonic() - t0 < a.duration_s:
-            gevent.sleep(min(10.0, a.duration_s - (time.monotonic() - t0)))
+        while time.monotonic() - t0 < a.duration_s and not STOP.is_set():
+            STOP.wait(min(10.0, a.duration_s - (time.monotonic() - t0)))
             pages = sum(env.tally.pages.values())
             print(f"  {time.monotonic() - t0:5.0f} s  {pages} pages  {sum(env.tally.docs.values())} documents  "
                   f"{len(env.tally.anomalies)} anomalies", flush=True)
         runner.quit()  # users finish the document they are reading (up to --stop-timeout-s)
         elapsed = time.monotonic() - t0
+        result["interrupted"] = STOP.is_set()
         sampler.stop()
         result["load_average_after"] = list(os.getloadavg())
         tally = env.tally
@@ -762,6 +766,10 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "load.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and PNG from --out")
     a = p.parse_args()
+    # Handlers of our own: a background job inherits SIGINT ignored, and SIGTERM would end the
+    # process without stopping the server it started.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, STOP.set)
     out = Path(a.out)
     if a.replot:
         r = json.loads(out.read_text())

@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,16 +31,36 @@ REQUEST_TYPES = ["POST /v1/sessions", "POST /v1/sessions/{id}/pages", "POST /v1/
                  "GET /v1/sessions/{id}", "DELETE /v1/sessions/{id}", "POST /v1/classify",
                  "POST /v1/classify (one-shot check of a session or stream)", "POST /v1/classify/stream"]
 FIELDS = ["command", "machine", "code", "started_at", "server", "users", "duration_s", "plan", "load_average_before",
-          "load_average_after", "client_exceptions", "elapsed_s", "requests", "status_counts", "errors_by_status",
+          "load_average_after", "interrupted", "client_exceptions", "elapsed_s", "requests", "status_counts", "errors_by_status",
           "server_errors_5xx", "no_answer", "pages", "pages_per_s", "pages_per_s_over_time", "documents",
           "integrity", "metrics", "rss", "png"]
 
 
-def run_load(out: Path, *args: str, timeout: float) -> dict:
-    proc = subprocess.run([sys.executable, str(LOAD), "--out", str(out), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, check=False)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+def start_load(out: Path, *args: str) -> subprocess.Popen:
+    log = out.with_suffix(".log").open("w")
+    return subprocess.Popen([sys.executable, str(LOAD), "--out", str(out), *args], stdout=log,
+                            stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def finish_load(proc: subprocess.Popen, out: Path, timeout: float) -> dict:
+    """Wait for bench/load.py; if it overruns (or the test is stopped), SIGINT it, which
+    stops the server it started, rather than kill it and leave that server running."""
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    log = out.with_suffix(".log").read_text(errors="replace")
+    assert code == 0, log[-8000:]
     return json.loads(out.read_text())
+
+
+def run_load(out: Path, *args: str, timeout: float) -> dict:
+    return finish_load(start_load(out, *args), out, timeout)
 
 
 # --- a naive reference server ---------------------------------------------------------------------
@@ -242,6 +264,28 @@ def test_doubled_and_lost_pages_and_500s_are_found(tmp_path):
     assert r["status_counts"]["500"] == r["server_errors_5xx"]
 
 
+def test_sigterm_ends_the_run_early_with_a_report(tmp_path):
+    """SIGTERM (or Ctrl-C) stops the load, lets users finish their document, and still writes
+    the report, through the same path that stops a server the run started."""
+    ref = Reference()
+    out = tmp_path / "stopped.json"
+    try:
+        proc = start_load(out, "--url", ref.url, "--metrics-url", f"{ref.url}/metrics", "--users", "2",
+                          "--duration-s", "300", "--think-s", "0.05", "--settle-timeout-s", "5")
+        deadline = time.time() + 60
+        while ref.created < 3 and time.time() < deadline:
+            time.sleep(0.2)
+        assert ref.created >= 3, out.with_suffix(".log").read_text()
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        r = finish_load(proc, out, timeout=120)
+        assert time.time() - t0 < 60
+    finally:
+        ref.close()
+    assert r["interrupted"] is True and r["elapsed_s"] < 120
+    assert r["integrity"]["anomalies"] == 0 and r["documents"]["sessions_completed"] > 0
+
+
 # --- the real server -------------------------------------------------------------------------------
 
 
@@ -253,7 +297,7 @@ def test_short_load_against_bsbr_serve_up(tmp_path):
                  "--check-p", "0.5", timeout=840)
     assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
     assert r["server"]["started_here"] and r["server"]["exit_code"] == 0, r["server"]
-    assert r["client_exceptions"] == []
+    assert r["client_exceptions"] == [] and r["interrupted"] is False
     assert r["server_errors_5xx"] == 0 and r["no_answer"] == 0, (r["errors_by_status"], r["server"]["log_tail"])
     i = r["integrity"]
     assert (i["lost_pages"], i["doubled_pages"], i["oneshot_mismatches"], i["anomalies"]) == (0, 0, 0, 0), i
