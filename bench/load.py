@@ -316,11 +316,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def replicas_config(models_dir: str | None, replicas: dict[str, int]) -> str:
+    """A --config serving every model of models_dir (as `up` does without one) with the
+    replica counts asked for; the path of its YAML."""
+    import yaml
+
+    from serve.config import discover_models, repo_models_dir
+
+    found = discover_models(Path(models_dir) if models_dir else repo_models_dir())
+    unknown = set(replicas) - {m.name for m in found}
+    if unknown:
+        raise SystemExit(f"error: --replicas names no model of the models directory: {sorted(unknown)}")
+    args = {"models": [{"name": m.name, "path": m.path, "num_replicas": replicas.get(m.name, 1)} for m in found]}
+    fd, path = tempfile.mkstemp(prefix="bsbr-load-config-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(args, f)
+    return path
+
+
 class Server:
     """`bsbr-serve up` (what `make up` runs) on free ports of 127.0.0.1, stopped with Ctrl-C's SIGINT."""
 
-    def __init__(self, models_dir: str | None, config: str | None, ready_timeout_s: float):
+    def __init__(self, models_dir: str | None, config: str | None, ready_timeout_s: float,
+                 replicas: dict[str, int] | None = None):
         self.port, self.metrics_port = free_port(), free_port()
+        if replicas:
+            config = replicas_config(models_dir, replicas)
         cmd = [str(Path(sys.executable).parent / "bsbr-serve"), "up", "--host", "127.0.0.1",
                "--port", str(self.port), "--metrics-port", str(self.metrics_port)]
         cmd += ["--models-dir", models_dir] if models_dir else []
@@ -574,10 +595,10 @@ def run(a: argparse.Namespace) -> dict:
         result["server"] = {"url": url, "metrics_url": metrics_url, "started_here": False}
     else:
         print("starting bsbr-serve up ...", flush=True)
-        server = Server(a.models_dir, a.config, a.ready_timeout_s)
+        server = Server(a.models_dir, a.config, a.ready_timeout_s, a.replicas)
         url, metrics_url, root_pid = server.url, server.metrics_url, server.proc.pid
         result["server"] = {"url": url, "metrics_url": metrics_url, "started_here": True,
-                            "command": shlex.join(server.cmd), "log": str(server.log_path)}
+                            "command": shlex.join(server.cmd), "replicas": a.replicas, "log": str(server.log_path)}
     try:
         models = [m["name"] for m in requests.get(f"{url}/v1/models", timeout=60).json()["models"]]
         use = [m for m in a.models.split(",") if m]
@@ -743,6 +764,9 @@ def main() -> int:
                    help="with --url: the bsbr-serve up process, to sample its replicas' RSS from /proc")
     p.add_argument("--models-dir", default=None, help="models for the server started here (default models/)")
     p.add_argument("--config", default=None, help="--config for the server started here")
+    p.add_argument("--replicas", default=None,
+                   help="NAME=N,...: replicas per model for the server started here (default 1 each, as "
+                        "`make up`); e.g. bsbr=2 puts session affinity, and so the hot hit rate, to the test")
     p.add_argument("--min-pages", type=int, default=2)
     p.add_argument("--max-pages", type=int, default=24)
     p.add_argument("--min-words", type=int, default=40, help="words per page (about 1.3 tokens each)")
@@ -778,6 +802,13 @@ def main() -> int:
         return 0
     if not 1 <= a.min_pages <= a.max_pages or not 1 <= a.min_words <= a.max_words or a.users < 1:
         p.error("need 1 <= --min-pages <= --max-pages, 1 <= --min-words <= --max-words and --users >= 1")
+    try:
+        a.replicas = {k: int(v) for k, v in (x.split("=", 1) for x in a.replicas.split(",") if x)} \
+            if a.replicas else None
+    except ValueError:
+        p.error("--replicas is NAME=N[,NAME=N...]")
+    if a.replicas and (a.url or a.config):
+        p.error("--replicas sets up the server started here from the models directory: not with --url or --config")
     if a.url and not a.metrics_url:
         print("note: without --metrics-url there is no hot hit rate and no RSS", file=sys.stderr)
     r = run(a)

@@ -286,6 +286,28 @@ def test_sigterm_ends_the_run_early_with_a_report(tmp_path):
     assert r["integrity"]["anomalies"] == 0 and r["documents"]["sessions_completed"] > 0
 
 
+def test_replicas_config_serves_every_model_with_the_counts_asked_for(tmp_path):
+    """--replicas writes the --config of the server the run starts: every model of the models
+    directory (what `up` serves without a config), each with its replica count. In a
+    subprocess: importing bench/load.py patches the standard library for gevent."""
+    import yaml
+
+    from serve.config import AppConfig
+
+    code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('load', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "print(m.replicas_config(None, {'bsbr': 2}))")
+    out = subprocess.run([sys.executable, "-c", code, str(LOAD)], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT, check=True).stdout.strip()
+    cfg = AppConfig.model_validate(yaml.safe_load(Path(out).read_text()))
+    Path(out).unlink()
+    found = {m.name: m.num_replicas for m in AppConfig().with_discovered_models().models}
+    assert {m.name: m.num_replicas for m in cfg.models} == {**found, "bsbr": 2}
+    bad = subprocess.run([sys.executable, str(LOAD), "--replicas", "nosuchmodel=2", "--out", str(tmp_path / "x.json")],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert bad.returncode != 0 and "nosuchmodel" in bad.stderr and not (tmp_path / "x.json").exists()
+
+
 # --- the real server -------------------------------------------------------------------------------
 
 
