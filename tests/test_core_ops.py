@@ -7,20 +7,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from core_helpers import randomize, small_config
+from core_helpers import VARIANTS, randomize, small_config
 
 from bsbr_core.attention import MECHANISMS, mechanism, state_layout
 from bsbr_core.ops import delta_net, standard
 from bsbr_core.ops.common import carried
 
-ARCH_CFGS = {
-    "bsbr": dict(arch="bsbr"),
-    "bsbr-f4-causal": dict(arch="bsbr", compression_factor=4, causal=True),
-    "standard": dict(arch="standard"),
-    "linear": dict(arch="linear"),
-    "sliding_window": dict(arch="sliding_window", window=11),
-    "delta_net": dict(arch="delta_net"),
-}
+# The shared list of mechanisms and options (the pooling variants change nothing in a layer).
+ARCH_CFGS = {name: overrides for name, overrides in VARIANTS if "pooling" not in overrides}
 
 
 def _layer(overrides, seed=0):

@@ -33,15 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from bsbr_core.config import ModelConfig
-from bsbr_core.ops.common import (  # noqa: F401 - re-exported for the mechanisms and the tests
-    StateEntry,
-    carried,
-    nonempty_keys,
-    pad_len,
-    pad_seq,
-    padded_mask,
-    valid_mask,
-)
+from bsbr_core.ops.common import StateEntry, carried  # noqa: F401 - carried: re-exported for the tests
 from bsbr_core.rope import apply_rope, rope_cos_sin
 
 

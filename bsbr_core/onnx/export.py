@@ -47,7 +47,7 @@ from bsbr_core.model import weights_digest
 from bsbr_core.onnx.graphs import SegmentEncoder
 
 # Bumped whenever the graphs' formulation or I/O changes, so old caches re-export.
-EXPORT_FORMAT = 1
+EXPORT_FORMAT = 2  # 2: the graphs run the ops of bsbr_core.ops (delta_net: one matmul a chunk in its Scan)
 FORWARD_FILE, ENCODER_FILE, MANIFEST_FILE = "forward.onnx", "encoder.onnx", "onnx.json"
 FORWARD_IO = (["input_ids", "attention_mask"], ["logits"])
 
