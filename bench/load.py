@@ -810,7 +810,7 @@ def main() -> int:
     if a.replicas and (a.url or a.config):
         p.error("--replicas sets up the server started here from the models directory: not with --url or --config")
     if a.url and not a.metrics_url:
-        print("note: without --metrics-url there is no hot hit rate and no RSS", file=sys.stderr)
+        print("note: without --metrics-url there is no hot hit rate, and RSS only with --server-pid", file=sys.stderr)
     r = run(a)
     out.parent.mkdir(parents=True, exist_ok=True)
     r["png"] = str(out.with_suffix(".png"))
