@@ -154,3 +154,11 @@ def test_every_registered_mechanism_declares_what_the_export_needs():
             assert cls.export_history(cfg) > 0
     with pytest.raises(ValueError, match="unknown arch"):
         mechanism("rwkv")
+
+
+def test_the_config_accepts_exactly_the_registered_mechanisms():
+    # ModelConfig validates arch against config.ARCHS (config cannot import the
+    # layers: they import it), so the two lists must name the same mechanisms.
+    from bsbr_core.config import ARCHS
+
+    assert ARCHS == tuple(MECHANISMS)
