@@ -72,7 +72,7 @@ def main() -> None:
         rows = scaling.side_by_side(model, archs, lengths, reps=args.reps)
         out.with_suffix(".json").write_text(json.dumps(
             {"machine": machine, "reference_config": model, "rows": rows, "command": command}, indent=2))
-        print(f"wrote {out}.json")
+        print(f"wrote {out.with_suffix('.json')}")
         return
 
     peak = scaling.matmul_gflops()
@@ -93,7 +93,7 @@ def main() -> None:
          "command": command}, indent=2))
     _plot(rows, out.with_suffix(".png"))
     print(json.dumps(summary, indent=2))
-    print(f"wrote {out}.json and {out}.png")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
 
 
 def _summary(rows: list[dict]) -> dict:
