@@ -92,8 +92,8 @@ class ModelServer:
     async def classify(self, text: str | None, pages: list[str] | None) -> dict[str, Any]:
         return await self._answer(self.engine.classify(text, pages))
 
-    async def create_session(self, ttl_s: float | None = None) -> dict[str, Any]:
-        return await self._answer(self.engine.create_session(ttl_s))
+    async def create_session(self, ttl_s: float | None = None, session_id: str | None = None) -> dict[str, Any]:
+        return await self._answer(self.engine.create_session(ttl_s, session_id))
 
     async def append(self, session_id: str, seq: int, text: str | None, pages: list[str] | None,
                      mode: str = "session") -> dict[str, Any]:

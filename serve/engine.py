@@ -386,10 +386,17 @@ class Engine:
 
     # --- sessions -----------------------------------------------------------------
 
-    async def create_session(self, ttl_s: float | None = None) -> dict[str, Any]:
+    async def create_session(self, ttl_s: float | None = None, session_id: str | None = None) -> dict[str, Any]:
+        """A new session (`session_id`: one the caller drew with new_session_id, so
+        the call was routed by it to the replica its pages will go to)."""
         ttl = self.sessions_cfg.ttl_s if ttl_s is None else min(float(ttl_s), self.sessions_cfg.ttl_s)
-        meta = await self.store.create(new_session_id(), self.name, ttl)
-        return {"session_id": meta["session_id"], "model": self.name, "expires_in_s": meta["expires_in_s"]}
+        meta = await self.store.create(session_id or new_session_id(), self.name, ttl)
+        sid = meta["session_id"]
+        # Its empty state is hot here, so its first page needs no read of the store
+        # (a page that lands elsewhere resumes from the store as any other).
+        state = self.model.init_state(1)
+        self._put_hot(sid, HotSession(state, 0, 0, ttl, time.monotonic(), state.nbytes, []))
+        return {"session_id": sid, "model": self.name, "expires_in_s": meta["expires_in_s"]}
 
     def _lock(self, sid: str) -> asyncio.Lock:
         lock = self._locks.get(sid)

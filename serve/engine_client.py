@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from serve.errors import Overloaded, Unavailable, from_wire, is_wire_error
+from serve.store import new_session_id
 
 logger = logging.getLogger("ray.serve")
 
@@ -114,7 +115,10 @@ class RayEngineClient:
         return await self._call(self._classify, text, pages)
 
     async def create_session(self, ttl_s=None) -> Reply:
-        return await self._call(self._create, ttl_s)
+        # The id is drawn here, so the call is routed by it to the replica that will
+        # hold the session (serve.router), which keeps its empty state hot.
+        session_id = new_session_id()
+        return await self._call(self._create.options(session_id=session_id), ttl_s, session_id)
 
     async def append(self, session_id, seq, text, pages, mode="session") -> Reply:
         return await self._call(self._append.options(session_id=session_id), session_id, seq, text, pages, mode)

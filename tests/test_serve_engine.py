@@ -244,6 +244,34 @@ def test_session_ranks_wait_for_the_preferred_replica_then_fall_back():
 # --- engine -------------------------------------------------------------------------------
 
 
+def test_a_new_sessions_first_page_needs_no_store_read_and_gives_the_same_answer(dev_models):
+    """create_session keeps the empty state hot on the replica that made it (the
+    ingress routes the call by the id it drew); its first page then skips the
+    store's load, and answers as a session resumed from the store does."""
+    eng = make_engine(dev_models)
+    page = document(1, seed=8)[0]
+    loads = []
+    real = eng.store.load
+
+    async def counted(sid):
+        loads.append(sid)
+        return await real(sid)
+
+    eng.store.load = counted
+
+    async def go():
+        hot = (await eng.create_session(session_id="c" * 32))["session_id"]
+        a = await eng.append(hot, 0, pages=[page])
+        cold = (await eng.create_session())["session_id"]
+        eng._drop_hot(cold)  # as if its first page reached another replica
+        b = await eng.append(cold, 0, pages=[page])
+        return hot, a, cold, b
+
+    hot, a, cold, b = run(go())
+    assert hot == "c" * 32 and loads == [cold]
+    assert a["logits"] == b["logits"] and a["num_tokens"] == b["num_tokens"] and a["num_pages"] == b["num_pages"] == 1
+
+
 def test_apportion_divides_each_step_among_its_pages_by_tokens():
     # pages of 3, 0, 5, 2 tokens read in steps of 4: steps [0,4) [4,8) [8,10)
     got = apportion([3, 0, 5, 2], 4, [40.0, 80.0, 10.0])
