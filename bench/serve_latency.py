@@ -1,21 +1,29 @@
 """Serving latency and throughput of bsbr vs standard, as deployed (issue 4's closing note).
 
-Starts a local Ray with the Serve application (one replica per model, the
-machine's cores for torch), then measures over real HTTP on 127.0.0.1:
+Starts a local Ray and serves the application in each topology of
+--topologies (default `split,fused`, serve.config AppConfig.topology) in
+turn, in the same run, one replica per model, the machine's cores for torch.
+For each one it measures over real HTTP on 127.0.0.1:
 
-1. one-shot classify latency of a 10-page and a 100-page document, and the
-   same 100-page document read in-process one-shot (`model(ids)`, no server):
-   `oneshot_over_inprocess` is the server's wall time over that (target <= 1.3);
-2. per-page latency along one streamed document (a session, page by page),
-   reported at pages 1, 50 and 200: `page_ms` is the model step (what
+1. one-shot classify latency of a 10-page and a 100-page document (best of
+   3), and the same 100-page document read in-process one-shot
+   (`model(ids)`, no server): `oneshot_over_inprocess` is the server's wall
+   time over that (target <= 1.3);
+2. per-page latency along `--stream-repeats` (3) streamed documents (a
+   session, page by page), reported at pages 1, 50 and 200 as the median
+   over the documents: `page_ms` is the model step (what
    bsbr_page_latency_seconds records), `request_ms` the whole HTTP request
    including the checkpoint of the state to the session store, and
    `request_over_step` their ratio (target <= 1.5 at pages 1 and 200);
-3. throughput (pages/s) of 8 documents read by 1 session at a time vs 8
-   concurrent sessions;
+3. throughput (pages/s) of 8 documents of 12 pages read by 1 session at a
+   time vs 8 concurrent sessions (best of `--repeats` 3 runs);
 4. HTTP end-to-end throughput of (3, 8 concurrent) as a fraction of the
    engine's in-process throughput on the same documents (same engine code,
-   an in-memory store, no Ray, no HTTP): `http_over_engine` (target >= 0.8).
+   an in-memory store, no Ray, no HTTP, best of 3 runs too):
+   `http_over_engine` (target >= 0.8).
+
+Results are under `servers.<topology>`; the in-process references are
+shared.
 
 The JSON records the load average before and after the run (`loadavg`):
 figures taken on a loaded machine are only comparable side by side.
@@ -30,8 +38,8 @@ to a temporary directory, labelled untrained in the JSON.
     python bench/serve_latency.py --smoke              # tiny sizes, a smoke run
     python bench/serve_latency.py --cpu-profile        # where a page request's CPU goes (below)
 
-`--cpu-profile` starts `bsbr-serve up` (every model under --models-dir, as
-`make up` does), sends 40 sequential session pages of ~680 tokens to bsbr
+`--cpu-profile` starts `bsbr-serve up --topology T` for each topology
+(every model under --models-dir, as `make up` does), sends 40 sequential session pages of ~680 tokens to bsbr
 and then 40 one-shot classifies of the same text, and reads each server
 process's CPU time (utime + stime, /proc/<pid>/stat) before and after:
 CPU ms per request of the proxy, the `api` ingress, the Serve controller,
@@ -110,7 +118,7 @@ class Bench:
         write_random_models(tmp, ("bsbr", "standard"), size=size, vocab_size=16384 if size == "reference" else 300)
         return tmp, False
 
-    def app_args(self, root: Path) -> dict:
+    def app_args(self, root: Path, topology: str) -> dict:
         cpus = os.cpu_count() or 2
         max_tokens = (self.args.stream_pages + 8) * self.args.page_tokens
         common = {"page_tokens": self.args.page_tokens, "max_tokens": max(max_tokens, 110 * self.args.page_tokens),
@@ -120,6 +128,7 @@ class Bench:
             "sessions": {"max_store_bytes": 16 << 30, "store_name": f"bench_store_{os.getpid()}"},
             "http": {"max_body_bytes": 64 << 20},
             "ingress": {"ray_actor_options": {"num_cpus": 0.5}},
+            "topology": topology,
         }
 
     # --- measurements -------------------------------------------------------------------------
@@ -189,31 +198,42 @@ class Bench:
         return {"pages": len(pages), "tokens": int(ids.shape[1]), "ms": ms, "all_ms": all_ms, "steps_4096_ms": steps_ms}
 
     def http_throughput(self, url: str, model: str, docs: list[list[str]], concurrency: int) -> dict:
-        """pages/s for reading every doc as a session, `concurrency` sessions at a time."""
-        todo = list(enumerate(docs))
-        lock = threading.Lock()
+        """pages/s for reading every doc as a session, `concurrency` sessions at a time
+        (the best of `repeats` runs, as for the engine)."""
 
-        def worker():
-            with httpx.Client(base_url=url, timeout=3600) as c:
-                while True:
-                    with lock:
-                        if not todo:
-                            return
-                        _, pages = todo.pop()
-                    sid = c.post("/v1/sessions", json={"model": model}).json()["session_id"]
-                    for i, p in enumerate(pages):
-                        c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]}).raise_for_status()
-                    c.delete(f"/v1/sessions/{sid}")
+        def once() -> float:
+            todo = list(docs)
+            lock = threading.Lock()
+            failures: list[BaseException] = []
 
-        t0 = time.perf_counter()
-        threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        secs = time.perf_counter() - t0
-        n = sum(len(d) for d in docs)
-        return {"concurrency": concurrency, "pages": n, "seconds": secs, "pages_per_s": n / secs}
+            def worker():
+                try:
+                    with httpx.Client(base_url=url, timeout=3600) as c:
+                        while True:
+                            with lock:
+                                if not todo:
+                                    return
+                                pages = todo.pop()
+                            sid = c.post("/v1/sessions", json={"model": model}).json()["session_id"]
+                            for i, p in enumerate(pages):
+                                c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]}).raise_for_status()
+                            c.delete(f"/v1/sessions/{sid}")
+                except BaseException as e:  # noqa: BLE001 - reported below, not lost with the thread
+                    failures.append(e)
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            if failures:
+                raise failures[0]
+            return time.perf_counter() - t0
+
+        all_secs = [once() for _ in range(self.args.repeats)]
+        secs, n = min(all_secs), sum(len(d) for d in docs)
+        return {"concurrency": concurrency, "pages": n, "seconds": secs, "all_seconds": all_secs, "pages_per_s": n / secs}
 
     def engine_throughput(self, root: Path, model: str, docs: list[list[str]], concurrency: int) -> dict:
         """The same sessions through the engine in this process (memory store, no HTTP, no Ray)."""
@@ -238,14 +258,59 @@ class Bench:
                     await eng.close(sid)
 
             await read(docs[0][:1])  # warm-up
-            t0 = time.perf_counter()
-            await asyncio.gather(*(read(d) for d in docs))
-            return time.perf_counter() - t0
+            out = []
+            for _ in range(self.args.repeats):
+                t0 = time.perf_counter()
+                await asyncio.gather(*(read(d) for d in docs))
+                out.append(time.perf_counter() - t0)
+            return out
 
-        secs = asyncio.run(go())
-        n = sum(len(d) for d in docs)
-        return {"concurrency": concurrency, "pages": n, "seconds": secs, "pages_per_s": n / secs,
+        all_secs = asyncio.run(go())
+        secs, n = min(all_secs), sum(len(d) for d in docs)
+        return {"concurrency": concurrency, "pages": n, "seconds": secs, "all_seconds": all_secs, "pages_per_s": n / secs,
                 "batches": eng.batcher.batches, "batched_steps": eng.batcher.batched_steps}
+
+    def server(self, url: str, all_pages: list[str], docs: list[list[str]]) -> dict:
+        """Every HTTP measurement against the application being served at url."""
+        a, out = self.args, {}
+        with httpx.Client(base_url=url, timeout=7200) as c:
+            for m in ("bsbr", "standard"):  # warm-up
+                c.post("/v1/classify", json={"model": m, "pages": ["warm up"]}).raise_for_status()
+            for m in a.models:
+                print(f"[{m}] one-shot classify", flush=True)
+                out.setdefault("oneshot", {})[m] = {str(n): self.oneshot(c, m, all_pages[:n]) for n in (10, 100)}
+                print(f"[{m}] {a.stream_repeats} streamed documents, {a.stream_pages} pages", flush=True)
+                out.setdefault("stream", {})[m] = self.streams(c, m, all_pages[: a.stream_pages])
+        for m in a.models:
+            print(f"[{m}] throughput 1 vs 8 concurrent sessions", flush=True)
+            out.setdefault("throughput_http", {})[m] = {str(k): self.http_throughput(url, m, docs, k) for k in (1, 8)}
+        for m in a.models:
+            ref = self.results["oneshot_inprocess"][m]
+            out.setdefault("oneshot_over_inprocess", {})[m] = out["oneshot"][m]["100"]["http_ms"] / ref["ms"]
+            http8 = out["throughput_http"][m]["8"]["pages_per_s"]
+            eng8 = self.results["throughput_engine"][m]["8"]["pages_per_s"]
+            out.setdefault("http_over_engine", {})[m] = http8 / eng8
+        return out
+
+    def streams(self, c: httpx.Client, model: str, pages: list[str]) -> dict:
+        """`stream_repeats` documents streamed one after the other; at pages 1, 50 and
+        200 the median over them of the step, the request and their ratio (one
+        request is one sample of a noisy 2-core machine)."""
+        import statistics
+
+        runs = [self.stream(c, model, pages) for _ in range(self.args.stream_repeats)]
+        at = {}
+        for k in (1, 50, 200):
+            if k > len(pages):
+                continue
+            step = [r["page_ms"][k - 1] for r in runs]
+            req = [r["request_ms"][k - 1] for r in runs]
+            at[str(k)] = {"page_ms": statistics.median(step), "request_ms": statistics.median(req),
+                          "state_bytes": runs[0]["state_bytes"][k - 1],
+                          "request_over_step": statistics.median(q / s for q, s in zip(req, step)),
+                          "runs_request_over_step": [q / s for q, s in zip(req, step)]}
+        return {"at_page": at, "page_ms": runs[0]["page_ms"], "request_ms": runs[0]["request_ms"],
+                "state_bytes": runs[0]["state_bytes"], "runs": len(runs)}
 
     # --- run --------------------------------------------------------------------------------------
 
@@ -282,32 +347,15 @@ class Bench:
                  logging_level="warning", log_to_driver=False)
         try:
             serve.start(http_options={"host": "127.0.0.1", "port": port})
-            serve.run(build_app(self.app_args(root)), name="bench", route_prefix="/")
-            url = f"http://127.0.0.1:{port}"
-            with httpx.Client(base_url=url, timeout=7200) as c:
-                for m in ("bsbr", "standard"):  # warm-up
-                    c.post("/v1/classify", json={"model": m, "pages": ["warm up"]}).raise_for_status()
-                for m in a.models:
-                    print(f"[{m}] one-shot classify", flush=True)
-                    self.results.setdefault("oneshot", {})[m] = {
-                        str(n): self.oneshot(c, m, all_pages[:n]) for n in (10, 100)
-                    }
-                    print(f"[{m}] streamed document, {a.stream_pages} pages", flush=True)
-                    self.results.setdefault("stream", {})[m] = self.stream(c, m, all_pages[: a.stream_pages])
-                for m in a.models:
-                    print(f"[{m}] throughput 1 vs 8 concurrent sessions", flush=True)
-                    self.results.setdefault("throughput_http", {})[m] = {
-                        str(k): self.http_throughput(url, m, docs, k) for k in (1, 8)
-                    }
+            for topo in a.topologies:
+                print(f"== topology {topo}", flush=True)
+                serve.run(build_app(self.app_args(root, topo)), name=f"bench-{topo}", route_prefix="/")
+                self.results.setdefault("servers", {})[topo] = self.server(
+                    f"http://127.0.0.1:{port}", all_pages, docs)
+                serve.delete(f"bench-{topo}")
         finally:
             serve.shutdown()
             ray.shutdown()
-        for m in a.models:
-            ref = self.results["oneshot_inprocess"][m]
-            self.results.setdefault("oneshot_over_inprocess", {})[m] = self.results["oneshot"][m]["100"]["http_ms"] / ref["ms"]
-            http8 = self.results["throughput_http"][m]["8"]["pages_per_s"]
-            eng8 = self.results["throughput_engine"][m]["8"]["pages_per_s"]
-            self.results.setdefault("http_over_engine", {})[m] = http8 / eng8
         self.results["loadavg"]["after"] = list(os.getloadavg())
         return self.results
 
@@ -317,50 +365,54 @@ def summary(r: dict) -> str:
               f"page = {r['page_tokens']} tokens, {r['machine']['cpus']} CPUs")]
     la = r.get("loadavg", {})
     lines.append(f"load average (1, 5, 15 min) before {la.get('before')}, after {la.get('after')}")
-    lines.append(f"{'':<10}{'1-shot 10p ms':>15}{'1-shot 100p ms':>16}{'in-proc ms':>11}{'1shot/inp':>10}"
-                 f"{'p1 step':>9}{'p50 step':>9}{'p200 step':>10}"
-                 f"{'p1 req':>8}{'p50 req':>9}{'p200 req':>10}{'req/step p1':>12}{'p200':>6}"
-                 f"{'1 sess p/s':>11}{'8 sess p/s':>11}{'http/eng':>9}")
-    for m in r.get("oneshot", {}):
-        o, at = r["oneshot"][m], r["stream"][m]["at_page"]
-        t = r["throughput_http"][m]
+    lines.append(f"{'':<16}{'1-shot 10p ms':>14}{'1-shot 100p ms':>15}{'in-proc ms':>11}{'1shot/inp':>10}"
+                 f"{'p1 step':>8}{'p50 step':>9}{'p200 step':>10}"
+                 f"{'p1 req':>7}{'p50 req':>8}{'p200 req':>9}{'req/step p1':>12}{'p200':>6}"
+                 f"{'1 sess p/s':>11}{'8 sess p/s':>11}{'engine 8':>9}{'http/eng':>9}")
+    for topo, srv in r.get("servers", {}).items():
+        for m in srv.get("oneshot", {}):
+            o, at = srv["oneshot"][m], srv["stream"][m]["at_page"]
+            t = srv["throughput_http"][m]
 
-        def g(k, f, at=at):
-            return f"{at[k][f]:.0f}" if k in at else "-"
+            def g(k, f, at=at):
+                return f"{at[k][f]:.0f}" if k in at else "-"
 
-        def ratio(k, at=at):
-            return f"{at[k]['request_over_step']:.2f}" if k in at else "-"
+            def ratio(k, at=at):
+                return f"{at[k]['request_over_step']:.2f}" if k in at else "-"
 
-        inp = r.get("oneshot_inprocess", {}).get(m, {}).get("ms")
-        over = r.get("oneshot_over_inprocess", {}).get(m)
-        lines.append(f"{m:<10}{o['10']['http_ms']:>15.0f}{o['100']['http_ms']:>16.0f}"
-                     f"{(f'{inp:.0f}' if inp else '-'):>11}{(f'{over:.2f}' if over else '-'):>10}{g('1', 'page_ms'):>9}"
-                     f"{g('50', 'page_ms'):>9}{g('200', 'page_ms'):>10}{g('1', 'request_ms'):>8}{g('50', 'request_ms'):>9}"
-                     f"{g('200', 'request_ms'):>10}{ratio('1'):>12}{ratio('200'):>6}"
-                     f"{t['1']['pages_per_s']:>11.2f}{t['8']['pages_per_s']:>11.2f}"
-                     f"{r['http_over_engine'][m]:>9.2f}")
+            inp = r.get("oneshot_inprocess", {}).get(m, {}).get("ms")
+            over = srv.get("oneshot_over_inprocess", {}).get(m)
+            eng8 = r["throughput_engine"][m]["8"]["pages_per_s"]
+            lines.append(f"{m + ' ' + topo:<16}{o['10']['http_ms']:>14.0f}{o['100']['http_ms']:>15.0f}"
+                         f"{(f'{inp:.0f}' if inp else '-'):>11}{(f'{over:.2f}' if over else '-'):>10}{g('1', 'page_ms'):>8}"
+                         f"{g('50', 'page_ms'):>9}{g('200', 'page_ms'):>10}{g('1', 'request_ms'):>7}{g('50', 'request_ms'):>8}"
+                         f"{g('200', 'request_ms'):>9}{ratio('1'):>12}{ratio('200'):>6}"
+                         f"{t['1']['pages_per_s']:>11.2f}{t['8']['pages_per_s']:>11.2f}{eng8:>9.2f}"
+                         f"{srv['http_over_engine'][m]:>9.2f}")
     return "\n".join(lines)
 
 
 def plot(r: dict, path: Path) -> None:
-    """Per-page latency along the streamed document, both models: step and whole request."""
+    """Per-page latency along one streamed document, each model and topology: step and whole request."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    for m, color in zip(r["stream"], ("tab:blue", "tab:orange", "tab:green")):
-        st = r["stream"][m]
-        xs = range(1, len(st["page_ms"]) + 1)
-        ax.plot(xs, st["page_ms"], color=color, label=f"{m}: model step")
-        ax.plot(xs, st["request_ms"], color=color, ls="--", alpha=0.7, label=f"{m}: HTTP request (step + checkpoint)")
+    colors = iter(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"))
+    for topo, srv in r.get("servers", {}).items():
+        for m in srv["stream"]:
+            st, color = srv["stream"][m], next(colors)
+            xs = range(1, len(st["page_ms"]) + 1)
+            ax.plot(xs, st["page_ms"], color=color, lw=0.8, label=f"{m} ({topo}): model step")
+            ax.plot(xs, st["request_ms"], color=color, ls="--", alpha=0.7, label=f"{m} ({topo}): HTTP request")
     ax.set_yscale("log")
     ax.set_xlabel(f"page index ({r['page_tokens']} tokens per page)")
     ax.set_ylabel("latency (ms)")
     ax.set_title("per-page latency along one streamed document")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -399,6 +451,16 @@ def descendants(pid: int) -> list[tuple[int, str]]:
 
 
 def cpu_profile(a) -> dict:
+    """The CPU profile of each topology in a.topologies, one after the other."""
+    out = {"loadavg": {"before": list(os.getloadavg())}, "topologies": {}}
+    for topo in a.topologies:
+        print(f"== topology {topo}", flush=True)
+        out["topologies"][topo] = cpu_profile_one(a, topo)
+    out["loadavg"]["after"] = list(os.getloadavg())
+    return out
+
+
+def cpu_profile_one(a, topology: str) -> dict:
     import signal
     import subprocess
 
@@ -407,10 +469,12 @@ def cpu_profile(a) -> dict:
     root = Path(a.models_dir) if a.models_dir else ROOT / "models"
     port = free_port()
     up = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--host", "127.0.0.1", "--port", str(port),
-                           "--models-dir", str(root), "--metrics-port", str(free_port())], cwd=str(ROOT),
+                           "--models-dir", str(root), "--metrics-port", str(free_port()), "--topology", topology],
+                          cwd=str(ROOT),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    out: dict = {"models_dir": str(root), "requests": a.profile_requests, "loadavg": {"before": list(os.getloadavg())}}
+    out: dict = {"models_dir": str(root), "topology": topology, "requests": a.profile_requests,
+                 "loadavg": {"before": list(os.getloadavg())}}
     try:
         deadline = time.time() + 600
         while True:
@@ -422,11 +486,6 @@ def cpu_profile(a) -> dict:
             if time.time() > deadline or up.poll() is not None:
                 raise SystemExit("bsbr-serve up never became ready")
             time.sleep(1)
-        procs: dict[str, int] = {}
-        for pid, cmd in descendants(up.pid):
-            for title, name in PROCESS_TITLES:
-                if title in cmd and name not in procs:
-                    procs[name] = pid
         tok = Tokenizer.from_file(str(root / "bsbr" / "tokenizer.json"))
         text = make_text(tok, 680, seed=3)
         n = a.profile_requests
@@ -435,6 +494,12 @@ def cpu_profile(a) -> dict:
                 c.post("/v1/classify", json={"model": "bsbr", "text": text}).raise_for_status()
             sid = c.post("/v1/sessions", json={"model": "bsbr"}).json()["session_id"]
             c.post(f"/v1/sessions/{sid}/pages", json={"seq": 0, "text": text}).raise_for_status()
+            # After the first session page: the store actor starts with the first session.
+            procs: dict[str, int] = {}
+            for pid, cmd in descendants(up.pid):
+                for title, name in PROCESS_TITLES:
+                    if title in cmd and name not in procs:
+                        procs[name] = pid
             for mode in ("session", "oneshot"):
                 before = {k: cpu_ms(p) for k, p in procs.items()}
                 steps, t0 = [], time.perf_counter()
@@ -463,7 +528,11 @@ def cpu_profile(a) -> dict:
     return out
 
 
-def profile_summary(r: dict) -> str:
+def profile_summary(all_r: dict) -> str:
+    return "\n".join(f"topology {t}: " + profile_summary_one(r) for t, r in all_r["topologies"].items())
+
+
+def profile_summary_one(r: dict) -> str:
     names = sorted({k for m in ("session", "oneshot") for k in r[m]["cpu_ms_per_request"]})
     lines = [(f"CPU ms per request ({r['requests']} sequential requests of {r['tokens']} tokens to bsbr; "
               f"load average before {r['loadavg']['before']}, after {r['loadavg']['after']})"),
@@ -482,15 +551,20 @@ def main() -> int:
     p.add_argument("--page-tokens", type=int, default=512)
     p.add_argument("--stream-pages", type=int, default=200)
     p.add_argument("--tp-docs", type=int, default=8, help="documents for the throughput runs")
-    p.add_argument("--tp-pages", type=int, default=4, help="pages per throughput document")
+    p.add_argument("--tp-pages", type=int, default=12, help="pages per throughput document")
     p.add_argument("--object-store-mb", type=int, default=3072)
     p.add_argument("--quick", action="store_true", help="bsbr only, every measurement at full size (a few minutes)")
     p.add_argument("--smoke", action="store_true", help="tiny models and few pages: a smoke run")
     p.add_argument("--cpu-profile", action="store_true", help="only the CPU per request of each server process")
     p.add_argument("--profile-requests", type=int, default=40)
+    p.add_argument("--topologies", default="split,fused",
+                   help="serve each in turn, same run (serve.config AppConfig.topology)")
+    p.add_argument("--stream-repeats", type=int, default=3, help="streamed documents per model (medians)")
+    p.add_argument("--repeats", type=int, default=3, help="throughput runs (the best of them, engine and HTTP alike)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_latency.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and PNG from --out")
     a = p.parse_args()
+    a.topologies = [t for t in a.topologies.split(",") if t]
     if a.cpu_profile:
         out = Path(a.out if a.out != p.get_default("out") else ROOT / "bench" / "results" / "serve_cpu_profile.json")
         r = cpu_profile(a)

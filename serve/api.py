@@ -603,6 +603,50 @@ class ApiServer:
 Api = serve.deployment(name="api", max_ongoing_requests=256)(serve.ingress(app)(ApiServer))
 
 
+class FusedApiServer(ApiServer):
+    """The ingress with every model's engine in its own process (`topology: fused`).
+
+    A page request is then one hop, proxy -> this replica, instead of proxy ->
+    ingress -> model replica: no handle call, no copy of the text or the
+    result between processes, and one Serve replica's request overhead
+    instead of two (docs/architecture.md 3.7). Each engine keeps its own
+    worker thread, batcher and connection to the session store; with several
+    replicas the proxy routes a session's requests by its id
+    (serve.router.session_of_http_request)."""
+
+    def __init__(self, config: dict[str, Any]):
+        import torch
+
+        from serve.deployments import engine_upkeep, make_engine, replica_name, torch_threads
+        from serve.engine_client import InProcessEngineClient
+
+        cfg = AppConfig.model_validate(config)
+        torch.set_num_threads(max(torch_threads(m) for m in cfg.models))
+        self.replica = replica_name()
+        self.engines = {m.name: make_engine(m.name, m, cfg.sessions) for m in cfg.models}
+        super().__init__({}, config, clients={n: InProcessEngineClient(e, self.replica) for n, e in self.engines.items()})
+        self._engine_upkeep = engine_upkeep
+        self._upkeep: list[asyncio.Task] = []
+
+    def _start_upkeep(self) -> None:
+        """Sweeps and gauges, on the loop the replica runs requests on (not there yet
+        in __init__): started by the first health check or request."""
+        if not self._upkeep:
+            loop = asyncio.get_running_loop()
+            self._upkeep = [loop.create_task(self._engine_upkeep(e)) for e in self.engines.values()]
+
+    def _client(self, model: str, request: Request | None = None) -> EngineClient:
+        self._start_upkeep()
+        return super()._client(model, request)
+
+    async def check_health(self) -> None:
+        self._start_upkeep()
+
+
+FusedApi = serve.deployment(name="api", max_ongoing_requests=256, health_check_period_s=5)(
+    serve.ingress(app)(FusedApiServer))
+
+
 def local_app(clients: dict[str, EngineClient], config: dict[str, Any] | None = None) -> FastAPI:
     """The HTTP API over these clients in this process (FastAPI's TestClient, no
     Ray): the routes' `self` is one ApiServer instead of the Serve replica."""

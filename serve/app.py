@@ -12,7 +12,7 @@ from typing import Any
 
 from ray.serve import Application
 
-from serve.api import Api
+from serve.api import Api, FusedApi
 from serve.config import AppConfig, ModelSpec, check_model_dirs
 from serve.deployments import ModelServer
 from serve.router import ROUTER_PATH
@@ -44,6 +44,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         m.model_copy(update={"path": str(Path(m.path).resolve())}) for m in cfg.models
     ]})
     check_model_dirs(cfg)
+    if cfg.topology == "fused":
+        return fused_app(cfg)
     sessions = cfg.sessions.model_dump()
     models = {
         spec.name: ModelServer.options(**model_deployment_options(spec)).bind(spec.name, spec.model_dump(), sessions)
@@ -56,3 +58,31 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         max_ongoing_requests=cfg.ingress.max_ongoing_requests,
     )
     return ingress.bind(models, cfg.model_dump(mode="json"))
+
+
+def fused_resources(cfg: AppConfig) -> dict[str, Any]:
+    """A fused replica's ray_actor_options: the ingress's, with the most CPUs and
+    GPUs that any one model asks for (the models share them, as they share
+    the process)."""
+    opts = dict(cfg.ingress.ray_actor_options)
+    for key in ("num_cpus", "num_gpus"):
+        most = max([float(m.ray_actor_options.get(key, 0) or 0) for m in cfg.models] + [float(opts.get(key, 0) or 0)])
+        if most:
+            opts[key] = most
+    return opts
+
+
+def fused_app(cfg: AppConfig) -> Application:
+    from ray.serve.config import RequestRouterConfig
+
+    opts: dict[str, Any] = {
+        "name": "api",
+        "num_replicas": cfg.ingress.num_replicas,
+        "ray_actor_options": fused_resources(cfg),
+        "max_ongoing_requests": cfg.ingress.max_ongoing_requests,
+        # Requests beyond it wait nowhere: Serve's proxy answers 503 at once.
+        "max_queued_requests": max(m.max_queued_requests for m in cfg.models),
+    }
+    if any(m.session_routing for m in cfg.models):
+        opts["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH)
+    return FusedApi.options(**opts).bind(cfg.model_dump(mode="json"))

@@ -65,6 +65,10 @@ def load_app_args(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _with_topology(app_args: dict[str, Any], topology: str | None) -> dict[str, Any]:
+    return {**app_args, "topology": topology} if topology else app_args
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     import yaml
 
@@ -102,6 +106,10 @@ def _needed_cpus(app_args: dict[str, Any]) -> float:
     from serve.config import AppConfig
 
     cfg = AppConfig.model_validate(app_args).with_discovered_models()
+    if cfg.topology == "fused":
+        from serve.app import fused_resources
+
+        return cfg.ingress.num_replicas * float(fused_resources(cfg).get("num_cpus", 0) or 0)
     need = cfg.ingress.num_replicas * float(cfg.ingress.ray_actor_options.get("num_cpus", 0) or 0)
     for m in cfg.models:
         n = m.num_replicas if isinstance(m.num_replicas, int) else 1
@@ -116,7 +124,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked here, before Ray starts (seconds).
     try:
-        app_args = load_app_args(args)
+        app_args = _with_topology(load_app_args(args), args.topology)
         cfg = AppConfig.model_validate(app_args).with_discovered_models()
         check_model_dirs(cfg)
     except (ConfigError, FileNotFoundError) as e:
@@ -137,7 +145,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from serve.app import build_app
 
     # Ray's CPUs are a scheduling budget: give it at least what the replicas ask for.
-    needed = math.ceil(_needed_cpus(app_args))
+    needed = math.ceil(_needed_cpus(app_args))  # after --topology
     num_cpus = max(args.num_cpus or os.cpu_count() or 1, needed)
     if args.num_cpus and args.num_cpus < needed:
         print(f"note: the replicas ask for {needed} CPUs; Ray schedules with {num_cpus}", file=sys.stderr)
@@ -401,6 +409,9 @@ def build_parser(library: bool = True) -> argparse.ArgumentParser:
     src = up.add_mutually_exclusive_group()
     src.add_argument("--models-dir", type=Path, default=None, help="serve every model directory in DIR (default: models/)")
     src.add_argument("--config", type=Path, default=None, help="YAML: build_app args, or a Serve config (first application)")
+    up.add_argument("--topology", choices=["split", "fused"], default=None,
+                    help="split: an ingress plus a deployment per model; fused: replicas that serve HTTP and hold "
+                         "every model, one process hop less (default: the config's, else split)")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray schedules with (default: enough for the replicas)")
     up.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size (MiB)")
     up.set_defaults(func=cmd_up)

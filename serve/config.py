@@ -154,6 +154,10 @@ class AppConfig(_Strict):
     sessions: SessionConfig = Field(default_factory=SessionConfig)
     http: HttpConfig = Field(default_factory=HttpConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    topology: Literal["split", "fused"] = Field(
+        default="split",
+        description="split: an ingress deployment plus one deployment per model; "
+                    "fused: one deployment whose replicas serve HTTP and hold every model")
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

@@ -25,7 +25,41 @@ SWEEP_INTERVAL_S = 10.0
 GAUGE_REFRESH_S = 1.0
 
 
-def _torch_threads(spec: ModelSpec) -> int:
+async def engine_upkeep(engine) -> None:
+    """Forever: expire idle hot sessions every SWEEP_INTERVAL_S, and refresh the
+    engine's gauges (sessions active, store fill) every GAUGE_REFRESH_S."""
+    since_sweep = 0.0
+    while True:
+        await asyncio.sleep(GAUGE_REFRESH_S)
+        since_sweep += GAUGE_REFRESH_S
+        if since_sweep >= SWEEP_INTERVAL_S:
+            engine.sweep()
+            since_sweep = 0.0
+        engine.metrics.sessions_active(len(engine.hot))
+        try:
+            await engine.store.report_fill()
+        except ServeError:  # the store is down: its fill is unknown until it returns
+            pass
+
+
+def make_engine(name: str, spec: ModelSpec, sessions: SessionConfig):
+    """The model `spec` in this process, with its own connection to the session store."""
+    from serve.engine import load_engine
+    from serve.store import make_store
+
+    store = make_store(sessions)
+    store.connect()
+    return load_engine(name, spec, sessions, store, RayServeMetrics(name))
+
+
+def replica_name() -> str:
+    try:
+        return serve.get_replica_context().replica_id.to_full_id_str()
+    except Exception:  # noqa: BLE001 - outside Serve (direct construction in tests)
+        return f"local:{os.getpid()}"
+
+
+def torch_threads(spec: ModelSpec) -> int:
     if spec.torch_threads:
         return spec.torch_threads
     cpus = (spec.ray_actor_options or {}).get("num_cpus", 1) or 1
@@ -37,19 +71,10 @@ class ModelServer:
     def __init__(self, name: str, spec: dict[str, Any], sessions: dict[str, Any]):
         import torch
 
-        from serve.engine import load_engine
-        from serve.store import make_store
-
         spec_m = ModelSpec.model_validate(spec)
-        sessions_m = SessionConfig.model_validate(sessions)
-        torch.set_num_threads(_torch_threads(spec_m))
-        store = make_store(sessions_m)
-        store.connect()
-        self.engine = load_engine(name, spec_m, sessions_m, store, RayServeMetrics(name))
-        try:
-            self.replica = serve.get_replica_context().replica_id.to_full_id_str()
-        except Exception:  # noqa: BLE001 - outside Serve (direct construction in tests)
-            self.replica = f"local:{os.getpid()}"
+        torch.set_num_threads(torch_threads(spec_m))
+        self.engine = make_engine(name, spec_m, SessionConfig.model_validate(sessions))
+        self.replica = replica_name()
         self._sweeper: asyncio.Task | None = None
         try:
             self._start_sweeper()
@@ -69,18 +94,7 @@ class ModelServer:
             return {**e.to_wire(), "replica": self.replica}
 
     async def _sweep_forever(self):
-        since_sweep = 0.0
-        while True:
-            await asyncio.sleep(GAUGE_REFRESH_S)
-            since_sweep += GAUGE_REFRESH_S
-            if since_sweep >= SWEEP_INTERVAL_S:
-                self.engine.sweep()
-                since_sweep = 0.0
-            self.engine.metrics.sessions_active(len(self.engine.hot))
-            try:
-                await self.engine.store.report_fill()
-            except ServeError:  # the store is down: its fill is unknown until it returns
-                pass
+        await engine_upkeep(self.engine)
 
     async def ready(self) -> bool:
         self._start_sweeper()

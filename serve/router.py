@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 import time
 
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
@@ -41,6 +42,51 @@ ROUTER_PATH = "serve.router.SessionAffinityRouter"
 # it about five times (deadlines 0.1, 0.2, 0.4, 0.8, 1 s), and well within
 # http.replica_timeout_s (default 5 s), after which the request is 503.
 PREFERRED_PATIENCE_S = 2.5
+
+
+_SESSION_PATH = re.compile(rb"/v1/sessions/([0-9a-f]{32})(?:/|$)")
+# The ASGI scope's "path" key in the proxy's request to an ingress replica
+# (pickle protocol >= 4: SHORT_BINUNICODE "path", then MEMOIZE).
+_PATH_KEY = b"\x8c\x04path\x94"
+
+
+def _scope_path(arg: bytes) -> bytes:
+    """The ASGI scope's path in Serve's HTTP proxy request bytes, read without
+    deserialising them; b"" when it is not where the layout puts it."""
+    i = arg.find(_PATH_KEY, 0, 4096)
+    if i < 0:
+        return b""
+    j = i + len(_PATH_KEY)
+    if j + 2 > len(arg):
+        return b""
+    if arg[j] == 0x8C:  # SHORT_BINUNICODE: 1-byte length
+        n = arg[j + 1]
+        return arg[j + 2 : j + 2 + n]
+    if arg[j] == 0x58:  # BINUNICODE: 4-byte length
+        n = int.from_bytes(arg[j + 1 : j + 5], "little")
+        return arg[j + 5 : j + 5 + n]
+    return b""
+
+
+def session_of_request(pending_request: PendingRequest) -> str:
+    """The session a request is for, or "" for none.
+
+    A call from the ingress carries it in the request metadata
+    (`handle.options(session_id=...)`, topology split). A request from Serve's
+    HTTP proxy to a fused ingress (topology fused) carries the HTTP request's
+    scope as bytes: the id is read from the scope's path (under any route
+    prefix), without deserialising anything. A request whose session is not
+    found this way is routed as one without a session: any replica resumes
+    it from the store, so only speed depends on this."""
+    sid = pending_request.metadata.session_id
+    if sid:
+        return sid
+    for arg in pending_request.args[:1]:
+        if isinstance(arg, (bytes, bytearray)):
+            m = _SESSION_PATH.search(_scope_path(bytes(arg)))
+            if m:
+                return m.group(1).decode()
+    return ""
 
 
 def rendezvous_rank(key: str, replica_ids: list[str]) -> list[str]:
@@ -85,7 +131,7 @@ class SessionAffinityRouter(RequestRouter):
             return [candidate_replicas]
         # Back off between rounds when every ranked replica is full, instead of spinning.
         pending_request.routing_context.should_backoff = True
-        session_id = pending_request.metadata.session_id
+        session_id = session_of_request(pending_request)
         if not session_id:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
         known = {r.replica_id.unique_id: r for r in self.curr_replicas.values()}

@@ -23,6 +23,7 @@ from serve.router import (
     PREFERRED_PATIENCE_S,
     SessionAffinityRouter,
     rendezvous_rank,
+    session_of_request,
     session_ranks,
 )
 from serve.store import MemorySessionStore
@@ -110,6 +111,19 @@ def test_config_rejects_bad_values():
         AppConfig.model_validate({"models": [{"name": "a", "path": "x", "backend": "tensorrt"}]})
     with pytest.raises(ValueError):
         AppConfig.model_validate({"sessoins": {}})  # typo: unknown key
+    with pytest.raises(ValueError):
+        AppConfig.model_validate({"topology": "mesh"})
+    assert AppConfig.model_validate({}).topology == "split"
+
+
+def test_a_fused_replica_asks_for_the_most_any_model_asks_for():
+    from serve.app import fused_resources
+
+    cfg = AppConfig.model_validate({
+        "models": [{"name": "a", "path": "x", "ray_actor_options": {"num_cpus": 2, "num_gpus": 0.5}},
+                   {"name": "b", "path": "y", "ray_actor_options": {"num_cpus": 1, "num_gpus": 1}}],
+        "ingress": {"ray_actor_options": {"num_cpus": 0.5, "memory": 1 << 30}}})
+    assert fused_resources(cfg) == {"num_cpus": 2.0, "num_gpus": 1.0, "memory": 1 << 30}
 
 
 def test_models_are_discovered_bsbr_first(dev_models):
@@ -239,6 +253,35 @@ def test_session_ranks_wait_for_the_preferred_replica_then_fall_back():
     assert session_ranks(reps, {"b", "c"}, preferred_full=False, waited_s=0.0) == []
     # ... until the patience is spent; then the others, in rank order.
     assert session_ranks(reps, {"b", "c"}, preferred_full=False, waited_s=60.0) == [[reps[1]], [reps[2]]]
+
+
+def _proxy_request(path: str, headers: list[tuple[bytes, bytes]] = (), session_header: str = ""):
+    """What Serve's HTTP proxy hands an ingress replica's router: its own request
+    serialisation of the ASGI scope (ray.serve._private.proxy_request_response)."""
+    from types import SimpleNamespace
+
+    from ray.serve._private.proxy_request_response import ASGIProxyRequest
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "server": ("127.0.0.1", 8000),
+             "client": ("127.0.0.1", 5555), "scheme": "http", "method": "POST", "root_path": "",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "headers": list(headers)}
+    arg = ASGIProxyRequest(scope, None, None).serialized_replica_arg(proxy_actor_name="SERVE_PROXY_ACTOR-x")
+    return SimpleNamespace(args=[arg], kwargs={}, metadata=SimpleNamespace(session_id=session_header))
+
+
+def test_the_router_reads_the_session_of_a_proxied_http_request_from_its_path():
+    sid, other = "0123456789abcdef" * 2, "fedcba9876543210" * 2
+    assert session_of_request(_proxy_request(f"/v1/sessions/{sid}/pages")) == sid
+    assert session_of_request(_proxy_request(f"/fused/v1/sessions/{sid}")) == sid  # under a route prefix
+    # The path, not a header that names another session.
+    assert session_of_request(_proxy_request(f"/v1/sessions/{sid}", [(b"referer", f"/v1/sessions/{other}".encode())])) == sid
+    assert session_of_request(_proxy_request("/v1/classify", [(b"referer", f"/v1/sessions/{other}".encode())])) == ""
+    long_prefix = "/" + "p" * 300  # a path too long for pickle's short string
+    assert session_of_request(_proxy_request(f"{long_prefix}/v1/sessions/{sid}/pages")) == sid
+    assert session_of_request(_proxy_request("/v1/sessions")) == ""
+    assert session_of_request(_proxy_request(f"/v1/sessions/{sid}0")) == ""  # not a session id
+    # A call from the split topology's ingress names it in the metadata.
+    assert session_of_request(_proxy_request("/v1/classify", session_header=other)) == other
 
 
 # --- engine -------------------------------------------------------------------------------

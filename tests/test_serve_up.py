@@ -21,9 +21,11 @@ pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent / "bsbr-serve"
 
 
-def test_up_serves_what_its_config_says_and_stops_cleanly_on_sigint(dev_models, tmp_path):
+@pytest.mark.parametrize("topology", ["split", "fused"])
+def test_up_serves_what_its_config_says_and_stops_cleanly_on_sigint(dev_models, tmp_path, topology):
     """A Serve config (its first application's args) naming one of the two models
-    in dev_models, with its own page size, token limit, session limit and body limit."""
+    in dev_models, with its own page size, token limit, session limit and body
+    limit; in either topology (`--topology` over the config's)."""
     port, metrics_port = free_port(), free_port()
     config = tmp_path / "serve.yaml"
     config.write_text(yaml.safe_dump({"applications": [{
@@ -40,7 +42,7 @@ def test_up_serves_what_its_config_says_and_stops_cleanly_on_sigint(dev_models, 
     log = (tmp_path / "up.log").open("w")
     proc = subprocess.Popen(
         [str(BIN), "up", "--host", "127.0.0.1", "--port", str(port), "--metrics-port", str(metrics_port),
-         "--config", str(config), "--object-store-mb", "150"],
+         "--config", str(config), "--object-store-mb", "150", "--topology", topology],
         stdout=log, stderr=subprocess.STDOUT, env=env,
     )
     url = f"http://127.0.0.1:{port}"
@@ -62,7 +64,7 @@ def test_up_serves_what_its_config_says_and_stops_cleanly_on_sigint(dev_models, 
             time.sleep(0.5)
             output = (tmp_path / "up.log").read_text()
         assert f"{url}/docs" in output and f"127.0.0.1:{metrics_port}/metrics" in output
-        _serves_what_the_config_says(url)
+        _serves_what_the_config_says(url, topology)
         assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).status_code == 200
 
         proc.send_signal(signal.SIGINT)
@@ -78,7 +80,7 @@ def test_up_serves_what_its_config_says_and_stops_cleanly_on_sigint(dev_models, 
         log.close()
 
 
-def _serves_what_the_config_says(url: str) -> None:
+def _serves_what_the_config_says(url: str, topology: str) -> None:
     with httpx.Client(base_url=url, timeout=60) as c:
         assert c.get("/readyz").json()["models"] == {"standard": True}
         (model,) = c.get("/v1/models").json()["models"]  # dev_models holds bsbr too
@@ -87,6 +89,9 @@ def _serves_what_the_config_says(url: str) -> None:
         assert r.status_code == 404 and r.json()["error"]["code"] == "unknown_model"
         r = c.post("/v1/classify", json={"model": "standard", "text": "a page\fanother page"})
         assert r.status_code == 200 and r.json()["num_pages"] == 2
+        # The replica that read it: the model's own deployment, or the fused ingress.
+        deployment = {"split": "standard", "fused": "api"}[topology]
+        assert f"#{deployment}#" in r.headers["x-bsbr-replica"], r.headers["x-bsbr-replica"]
         words = "the kernel maps a page of memory " * 12  # no form feed: pages of 32 tokens
         r = c.post("/v1/classify", json={"model": "standard", "text": words}).json()
         assert r["num_tokens"] > 64 and r["num_pages"] == -(-r["num_tokens"] // 32)
