@@ -26,8 +26,9 @@ GAUGE_REFRESH_S = 1.0
 
 
 async def engine_upkeep(engine) -> None:
-    """Forever: expire idle hot sessions every SWEEP_INTERVAL_S, and refresh the
-    engine's gauges (sessions active, store fill) every GAUGE_REFRESH_S."""
+    """Forever: expire idle hot sessions every SWEEP_INTERVAL_S; every
+    GAUGE_REFRESH_S refresh the engine's gauges (sessions active, store fill)
+    and give freed heap back when enough was freed (Engine.release_memory)."""
     since_sweep = 0.0
     while True:
         await asyncio.sleep(GAUGE_REFRESH_S)
@@ -36,6 +37,7 @@ async def engine_upkeep(engine) -> None:
             engine.sweep()
             since_sweep = 0.0
         engine.metrics.sessions_active(len(engine.hot))
+        await engine.release_memory()
         try:
             await engine.store.report_fill()
         except ServeError:  # the store is down: its fill is unknown until it returns

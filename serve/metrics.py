@@ -177,6 +177,23 @@ class RayServeMetrics(EngineMetrics):
         self._pdf_failures.inc(tags={"reason": reason})
 
 
+def malloc_trim() -> bool:
+    """Give the C heap's free pages back to the OS (glibc's malloc_trim(0)).
+
+    Freed tensors' memory stays in the process (the allocator keeps it for
+    reuse); a replica whose large session states come and go then holds
+    the peak of them for good. False where the C library has no malloc_trim."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim(0)  # 1 if it gave memory back, 0 if there was none to give
+    return True
+
+
 class PeakMemory:
     """Peak memory over a step, measured as the module docstring says."""
 

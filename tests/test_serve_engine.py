@@ -315,6 +315,44 @@ def test_a_new_sessions_first_page_needs_no_store_read_and_gives_the_same_answer
     assert a["logits"] == b["logits"] and a["num_tokens"] == b["num_tokens"] and a["num_pages"] == b["num_pages"] == 1
 
 
+def test_dropped_states_trim_the_heap_at_most_once_per_interval(dev_models, monkeypatch):
+    """Closed and replaced states count towards a malloc_trim, which runs once
+    enough was dropped, and not again within the interval."""
+    import serve.engine as engine_mod
+
+    calls = []
+    monkeypatch.setattr(engine_mod, "malloc_trim", lambda: calls.append(1) or True)
+    eng = make_engine(dev_models)
+    eng.trim_min_bytes, eng.trim_interval_s = 1, 3600.0
+
+    async def go():
+        assert not await eng.release_memory()  # nothing dropped yet
+        sid = (await eng.create_session())["session_id"]
+        for i, p in enumerate(document(3, seed=9)):
+            await eng.append(sid, i, pages=[p])
+        held = eng.hot[sid].nbytes
+        await eng.close(sid)
+        assert eng.dropped_bytes >= held > 0
+        first = await eng.release_memory()
+        assert eng.dropped_bytes == 0
+        sid = (await eng.create_session())["session_id"]
+        await eng.append(sid, 0, pages=["another page"])
+        await eng.close(sid)
+        second = await eng.release_memory()  # within the interval
+        eng.trim_interval_s = 0.0
+        third = await eng.release_memory()
+        return first, second, third
+
+    assert run(go()) == (True, False, True)
+    assert len(calls) == 2 and eng.trims == 2
+
+
+def test_malloc_trim_runs_here():
+    from serve.metrics import malloc_trim
+
+    assert malloc_trim() is True  # glibc on the machines this runs on
+
+
 def test_apportion_divides_each_step_among_its_pages_by_tokens():
     # pages of 3, 0, 5, 2 tokens read in steps of 4: steps [0,4) [4,8) [8,10)
     got = apportion([3, 0, 5, 2], 4, [40.0, 80.0, 10.0])
