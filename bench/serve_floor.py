@@ -1,0 +1,141 @@
+"""What a request costs around the model, by path: the floor under a session page.
+
+For each path below, in a fresh local Ray (one path per child process, since
+Serve's flags are read when Ray starts), serves the shipped bsbr model and
+measures over HTTP on 127.0.0.1, sequentially:
+
+- `healthz_ms`: GET /healthz (no model work: the path's own cost), median of 200;
+- `page_ms` / `request_ms`: the model step a session page reports and the
+  whole HTTP request, median over pages 6-60 of one 60-page session of
+  512-token pages, and their ratio `request_over_step`.
+
+Paths:
+- `split`: Serve's HTTP proxy -> the `api` ingress -> the bsbr replica (the default);
+- `fused`: Serve's proxy -> one replica holding the model (topology fused);
+- `fused_direct`: no proxy: the fused replica serves HTTP itself, with Ray
+  Serve's experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1;
+  the replica's port is Serve's first of 30000-31000). Not a supported
+  configuration of bsbr-serve: it measures what the proxy costs.
+
+    python bench/serve_floor.py            # writes bench/results/serve_floor.json
+
+The JSON records the load average before and after the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+PATHS = {
+    "split": ("split", {}),
+    "fused": ("fused", {}),
+    "fused_direct": ("fused", {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
+}
+DIRECT_PORTS = range(30000, 30010)
+
+
+def measure(topology: str, direct: bool, models: Path, pages_n: int, healthz_n: int) -> dict:
+    """In this process: start Ray and Serve, serve bsbr, measure, stop."""
+    import httpx
+    import ray
+    from ray import serve
+    from serve_latency import free_port, make_text, page_texts
+    from tokenizers import Tokenizer
+
+    from serve.app import build_app
+
+    tok = Tokenizer.from_file(str(models / "bsbr" / "tokenizer.json"))
+    pages = page_texts(tok, make_text(tok, pages_n * 512, seed=1), 512)[:pages_n]
+    port = free_port()
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        args = {"models": [{"name": "bsbr", "path": str(models / "bsbr"), "page_tokens": 512,
+                            "torch_threads": os.cpu_count() or 2, "ray_actor_options": {"num_cpus": 1}}],
+                "sessions": {"store_name": f"floor_{os.getpid()}"}, "topology": topology}
+        serve.run(build_app(args), name="floor", route_prefix="/")
+        urls = [f"http://127.0.0.1:{p}" for p in DIRECT_PORTS] if direct else [f"http://127.0.0.1:{port}"]
+        url = None
+        for u in urls:
+            try:
+                if httpx.get(f"{u}/readyz", timeout=2).status_code == 200:
+                    url = u
+                    break
+            except httpx.HTTPError:
+                continue
+        if url is None:
+            raise SystemExit(f"no server answered at {urls}")
+        with httpx.Client(base_url=url, timeout=120) as c:
+            for _ in range(20):
+                c.get("/healthz").raise_for_status()
+            h = []
+            for _ in range(healthz_n):
+                t0 = time.perf_counter()
+                c.get("/healthz").raise_for_status()
+                h.append((time.perf_counter() - t0) * 1000)
+            sid = c.post("/v1/sessions", json={"model": "bsbr"}).json()["session_id"]
+            req, step = [], []
+            for i, p in enumerate(pages):
+                t0 = time.perf_counter()
+                r = c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]})
+                req.append((time.perf_counter() - t0) * 1000)
+                r.raise_for_status()
+                step.append(r.json()["timing"]["page_ms"][0])
+            c.delete(f"/v1/sessions/{sid}")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    ratios = [q / s for q, s in zip(req[5:], step[5:])]
+    return {"url": url, "healthz_ms": statistics.median(h), "page_ms": statistics.median(step[5:]),
+            "request_ms": statistics.median(req[5:]), "request_over_step": statistics.median(ratios),
+            "pages": len(pages)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models-dir", default=str(ROOT / "models"))
+    p.add_argument("--paths", default=",".join(PATHS))
+    p.add_argument("--pages", type=int, default=60)
+    p.add_argument("--healthz", type=int, default=200)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_floor.json"))
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.child:
+        topology, env = PATHS[a.child]
+        print(json.dumps(measure(topology, bool(env), Path(a.models_dir), a.pages, a.healthz)))
+        return 0
+    out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "loadavg": {"before": list(os.getloadavg())}, "paths": {}}
+    for name in a.paths.split(","):
+        _, env = PATHS[name]
+        print(f"== {name}", flush=True)
+        child = subprocess.run([sys.executable, __file__, "--child", name, "--models-dir", a.models_dir,
+                                "--pages", str(a.pages), "--healthz", str(a.healthz)],
+                               env={**os.environ, **env}, capture_output=True, text=True, cwd=str(ROOT))
+        if child.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{child.stderr[-3000:]}")
+        out["paths"][name] = json.loads(child.stdout.strip().splitlines()[-1])
+        r = out["paths"][name]
+        print(f"   healthz {r['healthz_ms']:.1f} ms; page request {r['request_ms']:.1f} ms around a "
+              f"{r['page_ms']:.1f} ms step ({r['request_over_step']:.2f}x)", flush=True)
+    out["loadavg"]["after"] = list(os.getloadavg())
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"load average before {out['loadavg']['before']}, after {out['loadavg']['after']}; wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
