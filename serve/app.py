@@ -80,8 +80,10 @@ def fused_app(cfg: AppConfig) -> Application:
         "num_replicas": cfg.ingress.num_replicas,
         "ray_actor_options": fused_resources(cfg),
         "max_ongoing_requests": cfg.ingress.max_ongoing_requests,
-        # Requests beyond it wait nowhere: Serve's proxy answers 503 at once.
+        # Beyond it Serve's proxy refuses at once, with split's status and header
+        # (429 + Retry-After; the body is Serve's text, not our JSON error).
         "max_queued_requests": max(m.max_queued_requests for m in cfg.models),
+        "backpressure_config": {"status_code": 429, "retry_after_s": 1.0},
     }
     if any(m.session_routing for m in cfg.models):
         opts["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH)

@@ -23,6 +23,18 @@ pytestmark = pytest.mark.slow
 PREFIX = "/fused"
 
 
+def _kill_store(name: str) -> None:
+    """The application's own store actor (detached: it would outlive the app)."""
+    import ray
+
+    from serve.store import RayActorSessionStore
+
+    try:
+        ray.kill(ray.get_actor(name, namespace=RayActorSessionStore.NAMESPACE), no_restart=True)
+    except ValueError:  # never made
+        pass
+
+
 @pytest.fixture(scope="module")
 def fused(serve_cluster):
     import httpx
@@ -30,7 +42,8 @@ def fused(serve_cluster):
 
     from serve.app import build_app
 
-    args = app_args(serve_cluster["models"], f"fused_store_{os.getpid()}")
+    store_name = f"fused_store_{os.getpid()}"
+    args = app_args(serve_cluster["models"], store_name)
     for m in args["models"]:
         m.pop("num_replicas", None)
     args["topology"] = "fused"
@@ -39,9 +52,12 @@ def fused(serve_cluster):
     url = serve_cluster["url"] + PREFIX
     if not wait_ready(url, 120):
         pytest.fail("the fused application never became ready")
-    with httpx.Client(base_url=url, timeout=120) as c:
-        yield c
-    serve.delete("fused")
+    try:
+        with httpx.Client(base_url=url, timeout=120) as c:
+            yield c
+    finally:
+        serve.delete("fused")
+        _kill_store(store_name)
 
 
 def test_fused_app_is_one_deployment_holding_every_model(fused):
@@ -124,3 +140,49 @@ def test_fused_session_moves_to_the_other_replica_when_its_own_dies(fused, serve
     assert (vec(labels, r.json()["logits"]) - ref).abs().max() <= LOGIT_TOL
     assert fused.delete(f"/v1/sessions/{sid}").status_code == 200
     assert wait_ready(str(fused.base_url).rstrip("/"), 120)
+
+
+def test_a_fused_replica_past_its_queue_refuses_with_429_and_retry_after(serve_cluster):
+    """One request at a time and one queued (ingress.max_ongoing_requests 1, the
+    model's max_queued_requests 1): of a burst of 8 at once, the rest are refused
+    at once by Serve's proxy (429 with Retry-After, as split answers), not queued."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    from ray import serve
+
+    from serve.app import build_app
+
+    store_name = f"fused_limits_{os.getpid()}"
+    args = app_args(serve_cluster["models"], store_name)
+    args["models"] = [{**args["models"][0], "max_queued_requests": 1}]
+    args["models"][0].pop("num_replicas", None)
+    args["topology"] = "fused"
+    args["ingress"] = {"num_replicas": 1, "max_ongoing_requests": 1, "ray_actor_options": {"num_cpus": 0.25}}
+    serve.run(build_app(args), name="fused-limits", route_prefix="/fused-limits")
+    url = serve_cluster["url"] + "/fused-limits"
+    try:
+        assert wait_ready(url, 120)
+        pages = document(60, words_per_page=20, seed=42)
+        n = 8
+        start = threading.Barrier(n)
+
+        def one(_):
+            with httpx.Client(base_url=url, timeout=120) as c:
+                start.wait()
+                return c.post("/v1/classify", json={"model": "bsbr", "pages": pages})
+
+        with ThreadPoolExecutor(n) as ex:
+            answers = list(ex.map(one, range(n)))
+        served = [r for r in answers if r.status_code == 200]
+        refused = [r for r in answers if r.status_code != 200]
+        assert served and refused, [r.status_code for r in answers]
+        for r in refused:
+            assert r.status_code == 429, (r.status_code, r.text)
+            assert int(r.headers["retry-after"]) >= 1
+        assert all(r.json()["logits"] == served[0].json()["logits"] for r in served)
+        assert httpx.post(f"{url}/v1/classify", json={"model": "bsbr", "pages": pages[:2]}, timeout=60).status_code == 200
+    finally:
+        serve.delete("fused-limits")
+        _kill_store(store_name)
