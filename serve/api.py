@@ -612,12 +612,12 @@ class FusedApiServer(ApiServer):
     instead of two (docs/architecture.md 3.7). Each engine keeps its own
     worker thread, batcher and connection to the session store; with several
     replicas the proxy routes a session's requests by its id
-    (serve.router.session_of_http_request)."""
+    (serve.router.session_of_request)."""
 
     def __init__(self, config: dict[str, Any]):
         import torch
 
-        from serve.deployments import engine_upkeep, make_engine, replica_name, torch_threads
+        from serve.deployments import make_engine, replica_name, torch_threads
         from serve.engine_client import InProcessEngineClient
 
         cfg = AppConfig.model_validate(config)
@@ -625,15 +625,16 @@ class FusedApiServer(ApiServer):
         self.replica = replica_name()
         self.engines = {m.name: make_engine(m.name, m, cfg.sessions) for m in cfg.models}
         super().__init__({}, config, clients={n: InProcessEngineClient(e, self.replica) for n, e in self.engines.items()})
-        self._engine_upkeep = engine_upkeep
         self._upkeep: list[asyncio.Task] = []
 
     def _start_upkeep(self) -> None:
         """Sweeps and gauges, on the loop the replica runs requests on (not there yet
         in __init__): started by the first health check or request."""
         if not self._upkeep:
+            from serve.deployments import engine_upkeep
+
             loop = asyncio.get_running_loop()
-            self._upkeep = [loop.create_task(self._engine_upkeep(e)) for e in self.engines.values()]
+            self._upkeep = [loop.create_task(engine_upkeep(e)) for e in self.engines.values()]
 
     def _client(self, model: str, request: Request | None = None) -> EngineClient:
         self._start_upkeep()

@@ -145,7 +145,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from serve.app import build_app
 
     # Ray's CPUs are a scheduling budget: give it at least what the replicas ask for.
-    needed = math.ceil(_needed_cpus(app_args))  # after --topology
+    needed = math.ceil(_needed_cpus(app_args))
     num_cpus = max(args.num_cpus or os.cpu_count() or 1, needed)
     if args.num_cpus and args.num_cpus < needed:
         print(f"note: the replicas ask for {needed} CPUs; Ray schedules with {num_cpus}", file=sys.stderr)

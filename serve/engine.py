@@ -243,6 +243,11 @@ def prediction(labels: list[str], logits: torch.Tensor | None) -> dict[str, Any]
     }
 
 
+# Engine.release_memory: trim the heap once this much hot state was dropped, at most this often.
+TRIM_MIN_BYTES = 64 << 20
+TRIM_INTERVAL_S = 10.0
+
+
 class Engine:
     """One model: classify documents and run sessions. See module docstring."""
 
@@ -548,10 +553,6 @@ class Engine:
         for sid in [s for s, lock in self._locks.items() if s not in self.hot and not lock.locked()]:
             self._locks.pop(sid, None)
         return len(dead)
-
-
-TRIM_MIN_BYTES = 64 << 20
-TRIM_INTERVAL_S = 10.0
 
 
 def _checkpoint(new_state, base_state, chain_bytes: list[int]) -> tuple[bytes, bool]:
