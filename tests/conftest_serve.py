@@ -131,9 +131,9 @@ def serve_cluster(request, dev_models) -> dict:
     from serve.app import build_app
 
     http_port, metrics_port = free_port(), free_port()
-    from serve.cli import _patient_proxy_start
+    from serve.cli import ray_env_defaults
 
-    _patient_proxy_start()  # as bsbr-serve up does: the suite itself loads 2 cores
+    ray_env_defaults()  # as bsbr-serve up does: the suite itself loads 2 cores
     ray.init(
         address="local", num_cpus=4, include_dashboard=False, _metrics_export_port=metrics_port,
         object_store_memory=200 << 20, logging_level="warning", log_to_driver=False,

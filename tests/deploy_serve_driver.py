@@ -64,9 +64,9 @@ def main() -> int:
     # re-sets it every second here, well inside the ageing.
     os.environ["RAY_metrics_report_interval_ms"] = "3000"
     os.environ["RAY_SERVE_STATUS_GAUGE_REPORT_INTERVAL_S"] = "1"
-    from serve.cli import _patient_proxy_start
+    from serve.cli import ray_env_defaults
 
-    _patient_proxy_start()
+    ray_env_defaults()
     # Otherwise the same local Ray as the serve tests (tests/conftest_serve.py).
     ray.init(
         address="local", num_cpus=2, include_dashboard=False, namespace="serve",
