@@ -16,6 +16,11 @@ Paths:
   Serve's experimental direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1;
   the replica's port is Serve's first of 30000-31000). Not a supported
   configuration of bsbr-serve: it measures what the proxy costs.
+- `split_haproxy`, `fused_haproxy`: Serve's HAProxy ingress in front, as
+  `bsbr-serve up --ingress haproxy` sets it up (serve.cli.haproxy_env).
+
+Sessions are in the default store (the `ray_actor` actor), or with
+`--redis-url` in that Redis (a running one; `--paths` as above).
 
     python bench/serve_floor.py            # writes bench/results/serve_floor.json
 
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,11 +47,13 @@ PATHS = {
     "split": ("split", {}),
     "fused": ("fused", {}),
     "fused_direct": ("fused", {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
+    "split_haproxy": ("split", "haproxy"),
+    "fused_haproxy": ("fused", "haproxy"),
 }
 DIRECT_PORTS = range(30000, 30010)
 
 
-def measure(topology: str, direct: bool, models: Path, pages_n: int, healthz_n: int) -> dict:
+def measure(topology: str, direct: bool, models: Path, pages_n: int, healthz_n: int, redis_url: str | None) -> dict:
     """In this process: start Ray and Serve, serve bsbr, measure, stop."""
     import httpx
     import ray
@@ -54,16 +62,20 @@ def measure(topology: str, direct: bool, models: Path, pages_n: int, healthz_n: 
     from tokenizers import Tokenizer
 
     from serve.app import build_app
+    from serve.cli import ray_env_defaults
 
     tok = Tokenizer.from_file(str(models / "bsbr" / "tokenizer.json"))
     pages = page_texts(tok, make_text(tok, pages_n * 512, seed=1), 512)[:pages_n]
     port = free_port()
+    ray_env_defaults()  # as bsbr-serve up starts Ray
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = {"models": [{"name": "bsbr", "path": str(models / "bsbr"), "page_tokens": 512,
                             "torch_threads": os.cpu_count() or 2, "ray_actor_options": {"num_cpus": 1}}],
-                "sessions": {"store_name": f"floor_{os.getpid()}"}, "topology": topology}
+                "sessions": {"store_name": f"floor_{os.getpid()}",
+                             **({"store": "redis", "redis_url": redis_url} if redis_url else {})},
+                "topology": topology}
         serve.run(build_app(args), name="floor", route_prefix="/")
         urls = [f"http://127.0.0.1:{p}" for p in DIRECT_PORTS] if direct else [f"http://127.0.0.1:{port}"]
         url = None
@@ -108,32 +120,43 @@ def main() -> int:
     p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--pages", type=int, default=60)
     p.add_argument("--healthz", type=int, default=200)
+    p.add_argument("--redis-url", default=None, help="sessions in this (running) Redis, not the ray_actor store")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_floor.json"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
         topology, env = PATHS[a.child]
-        print(json.dumps(measure(topology, bool(env), Path(a.models_dir), a.pages, a.healthz)))
+        direct = env == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
+        print(json.dumps(measure(topology, direct, Path(a.models_dir), a.pages, a.healthz, a.redis_url)))
         return 0
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "sessions": "redis" if a.redis_url else "ray_actor",
            "loadavg": {"before": list(os.getloadavg())}, "paths": {}}
     for name in a.paths.split(","):
         _, env = PATHS[name]
+        run_dir = None
+        if env == "haproxy":
+            from serve.cli import haproxy_env, haproxy_run_dir
+
+            run_dir = haproxy_run_dir()
+            env = haproxy_env(run_dir)
         print(f"== {name}", flush=True)
         child = subprocess.run([sys.executable, __file__, "--child", name, "--models-dir", a.models_dir,
-                                "--pages", str(a.pages), "--healthz", str(a.healthz)],
+                                "--pages", str(a.pages), "--healthz", str(a.healthz)]
+                               + (["--redis-url", a.redis_url] if a.redis_url else []),
                                env={**os.environ, **env}, capture_output=True, text=True, cwd=str(ROOT))
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
         if child.returncode != 0:
             raise SystemExit(f"{name} failed:\n{child.stderr[-3000:]}")
         out["paths"][name] = json.loads(child.stdout.strip().splitlines()[-1])
         r = out["paths"][name]
         print(f"   healthz {r['healthz_ms']:.1f} ms; page request {r['request_ms']:.1f} ms around a "
               f"{r['page_ms']:.1f} ms step ({r['request_over_step']:.2f}x)", flush=True)
-    out["loadavg"]["after"] = list(os.getloadavg())
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"load average before {out['loadavg']['before']}, after {out['loadavg']['after']}; wrote {a.out}")
+    from serve_latency import write_result
+
+    write_result(out, a.out)
     return 0
 
 

@@ -22,8 +22,11 @@ For each one it measures over real HTTP on 127.0.0.1:
    an in-memory store, no Ray, no HTTP, best of 3 runs too):
    `http_over_engine` (target >= 0.8).
 
-Results are under `servers.<topology>`; the in-process references are
-shared.
+Each topology is served behind each ingress of --ingresses (default
+`serve,haproxy`: Serve's Python HTTP proxy, and Serve's HAProxy ingress as
+`bsbr-serve up --ingress haproxy` starts it), one Ray per ingress. Results
+are under `servers.<topology>` (Serve's proxy) and
+`servers.<topology>+haproxy`; the in-process references are shared.
 
 The JSON records the load average before and after the run (`loadavg`):
 figures taken on a loaded machine are only comparable side by side.
@@ -54,6 +57,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
 import sys
 import tempfile
@@ -66,6 +70,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve.cli import haproxy_env, haproxy_run_dir, ray_env_defaults
 from serve.config import ModelSpec, SessionConfig, discover_models, is_trained
 from serve.devmodels import sample_text, write_random_models
 
@@ -74,6 +79,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_result(out: dict, path: str | Path) -> None:
+    """Record the load average after the run in `out` and write it as JSON to `path`."""
+    out["loadavg"]["after"] = list(os.getloadavg())
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+    print(f"load average before {out['loadavg']['before']}, after {out['loadavg']['after']}; wrote {path}")
 
 
 def make_text(tokenizer, n_tokens: int, seed: int) -> str:
@@ -341,21 +354,33 @@ class Bench:
             self.results.setdefault("throughput_engine", {})[m] = {
                 str(k): self.engine_throughput(root, m, docs, k) for k in (1, 8)}
 
-        port, mport = free_port(), free_port()
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False,
-                 _metrics_export_port=mport, object_store_memory=a.object_store_mb << 20,
-                 logging_level="warning", log_to_driver=False)
-        try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
-            for topo in a.topologies:
-                print(f"== topology {topo}", flush=True)
-                serve.run(build_app(self.app_args(root, topo)), name=f"bench-{topo}", route_prefix="/")
-                self.results.setdefault("servers", {})[topo] = self.server(
-                    f"http://127.0.0.1:{port}", all_pages, docs)
-                serve.delete(f"bench-{topo}")
-        finally:
-            serve.shutdown()
-            ray.shutdown()
+        # One Ray per ingress (HAProxy's is chosen when Ray starts), every topology in it.
+        for ingress in a.ingresses:
+            saved = dict(os.environ)
+            run_dir = haproxy_run_dir()
+            if ingress == "haproxy":
+                os.environ.update(haproxy_env(run_dir))
+            ray_env_defaults()  # as bsbr-serve up starts Ray
+            port, mport = free_port(), free_port()
+            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False,
+                     _metrics_export_port=mport, object_store_memory=a.object_store_mb << 20,
+                     logging_level="warning", log_to_driver=False)
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                for topo in a.topologies:
+                    name = topo if ingress == "serve" else f"{topo}+{ingress}"
+                    print(f"== {name}", flush=True)
+                    serve.run(build_app(self.app_args(root, topo)), name=f"bench-{topo}", route_prefix="/")
+                    self.results.setdefault("servers", {})[name] = {
+                        "topology": topo, "ingress": ingress,
+                        **self.server(f"http://127.0.0.1:{port}", all_pages, docs)}
+                    serve.delete(f"bench-{topo}")
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+                os.environ.clear()
+                os.environ.update(saved)
+                shutil.rmtree(run_dir, ignore_errors=True)
         self.results["loadavg"]["after"] = list(os.getloadavg())
         return self.results
 
@@ -365,7 +390,7 @@ def summary(r: dict) -> str:
               f"page = {r['page_tokens']} tokens, {r['machine']['cpus']} CPUs")]
     la = r.get("loadavg", {})
     lines.append(f"load average (1, 5, 15 min) before {la.get('before')}, after {la.get('after')}")
-    lines.append(f"{'':<16}{'1-shot 10p ms':>14}{'1-shot 100p ms':>15}{'in-proc ms':>11}{'1shot/inp':>10}"
+    lines.append(f"{'':<24}{'1-shot 10p ms':>14}{'1-shot 100p ms':>15}{'in-proc ms':>11}{'1shot/inp':>10}"
                  f"{'p1 step':>8}{'p50 step':>9}{'p200 step':>10}"
                  f"{'p1 req':>7}{'p50 req':>8}{'p200 req':>9}{'req/step p1':>12}{'p200':>6}"
                  f"{'1 sess p/s':>11}{'8 sess p/s':>11}{'engine 8':>9}{'http/eng':>9}")
@@ -383,7 +408,7 @@ def summary(r: dict) -> str:
             inp = r.get("oneshot_inprocess", {}).get(m, {}).get("ms")
             over = srv.get("oneshot_over_inprocess", {}).get(m)
             eng8 = r["throughput_engine"][m]["8"]["pages_per_s"]
-            lines.append(f"{m + ' ' + topo:<16}{o['10']['http_ms']:>14.0f}{o['100']['http_ms']:>15.0f}"
+            lines.append(f"{m + ' ' + topo:<24}{o['10']['http_ms']:>14.0f}{o['100']['http_ms']:>15.0f}"
                          f"{(f'{inp:.0f}' if inp else '-'):>11}{(f'{over:.2f}' if over else '-'):>10}{g('1', 'page_ms'):>8}"
                          f"{g('50', 'page_ms'):>9}{g('200', 'page_ms'):>10}{g('1', 'request_ms'):>7}{g('50', 'request_ms'):>8}"
                          f"{g('200', 'request_ms'):>9}{ratio('1'):>12}{ratio('200'):>6}"
@@ -400,7 +425,8 @@ def plot(r: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    colors = iter(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown"))
+    colors = iter(("tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+                   "tab:gray", "tab:olive", "tab:cyan"))
     for topo, srv in r.get("servers", {}).items():
         for m in srv["stream"]:
             st, color = srv["stream"][m], next(colors)
@@ -559,12 +585,16 @@ def main() -> int:
     p.add_argument("--profile-requests", type=int, default=40)
     p.add_argument("--topologies", default="split,fused",
                    help="serve each in turn, same run (serve.config AppConfig.topology)")
+    p.add_argument("--ingresses", default="serve,haproxy",
+                   help="serve: Serve's Python HTTP proxy; haproxy: Serve's HAProxy ingress (bsbr-serve up --ingress); "
+                        "each in a Ray of its own, every topology in it")
     p.add_argument("--stream-repeats", type=int, default=3, help="streamed documents per model (medians)")
     p.add_argument("--repeats", type=int, default=3, help="throughput runs (the best of them, engine and HTTP alike)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_latency.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and PNG from --out")
     a = p.parse_args()
     a.topologies = [t for t in a.topologies.split(",") if t]
+    a.ingresses = [i for i in a.ingresses.split(",") if i]
     if a.cpu_profile:
         out = Path(a.out if a.out != p.get_default("out") else ROOT / "bench" / "results" / "serve_cpu_profile.json")
         r = cpu_profile(a)
