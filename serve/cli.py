@@ -133,6 +133,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     except ValueError as e:
         _error(f"invalid configuration: {_validation_summary(e)}")
         return EXIT_USAGE
+    stale = reap_stale_haproxy()
+    if stale:
+        print(f"note: stopped {len(stale)} HAProxy process(es) left by a server that was killed", file=sys.stderr)
     taken = _bind_error(args.host, args.port)
     if taken is not None:
         hint = " (another server is listening there; choose another --port)" if taken.errno == errno.EADDRINUSE else ""
@@ -250,13 +253,68 @@ def ray_env_defaults() -> None:
     os.environ.setdefault("RAY_max_direct_call_object_size", INLINE_OBJECT_BYTES)
 
 
+HAPROXY_DIR_PREFIX = "bsbr-hap-"
+
+
 def haproxy_run_dir() -> str:
     """A new directory for one server's HAProxy files, in /tmp: Serve puts its
     admin socket at <dir>/<node id, 56 characters>/admin.sock, and HAProxy
-    refuses a socket path over 97 characters."""
+    refuses a socket path over 97 characters. `owner.pid` in it names this
+    process, for reap_stale_haproxy."""
     import tempfile
 
-    return tempfile.mkdtemp(prefix="bsbr-hap-", dir="/tmp")
+    run_dir = tempfile.mkdtemp(prefix=HAPROXY_DIR_PREFIX, dir="/tmp")
+    Path(run_dir, "owner.pid").write_text(str(os.getpid()))
+    return run_dir
+
+
+def reap_stale_haproxy(root: str = "/tmp") -> list[int]:
+    """Stop the HAProxy processes of servers that are gone, and remove their
+    directories; return the pids stopped. Serve starts HAProxy as a plain
+    child process of an actor, so it outlives a server that was killed
+    (SIGKILL, a crash) and keeps its HTTP port. A directory counts as gone
+    when the process in its owner.pid no longer runs."""
+    import shutil
+
+    stopped = []
+    for run_dir in Path(root).glob(HAPROXY_DIR_PREFIX + "*"):
+        try:
+            owner = int((run_dir / "owner.pid").read_text())
+        except (OSError, ValueError):
+            continue
+        if _pid_runs(owner):
+            continue
+        for pid, cmd in _processes():
+            if "haproxy" in cmd and f"{run_dir}/" in cmd:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                    stopped.append(pid)
+                except OSError:
+                    pass
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return stopped
+
+
+def _pid_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _processes() -> list[tuple[int, str]]:
+    """(pid, command line) of every process that can be read."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                out.append((int(entry.name), (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
+            except (OSError, ValueError):
+                continue
+    return out
 
 
 def haproxy_env(run_dir: str) -> dict[str, str]:

@@ -221,3 +221,36 @@ def test_up_without_a_usable_model_is_one_line_before_ray(tmp_path, models_dir, 
     line = assert_one_error_line(err)
     assert code == 2 and "ray" not in heavy
     assert ("lacks tokenizer.json" if layout == "incomplete" else "init-models --random") in line
+
+
+def test_reap_stale_haproxy_stops_only_the_haproxy_of_servers_that_are_gone(tmp_path):
+    """A server that was killed leaves its HAProxy running (Serve starts it as a
+    plain child process): `up` stops the HAProxy of each run directory whose
+    owner no longer runs, removes the directory, and leaves a live owner's alone."""
+    import os
+    import time
+
+    from serve.cli import HAPROXY_DIR_PREFIX, reap_stale_haproxy
+
+    gone_owner = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_owner.wait()
+    stale, live = tmp_path / f"{HAPROXY_DIR_PREFIX}stale", tmp_path / f"{HAPROXY_DIR_PREFIX}live"
+    sleepers = []
+    for run_dir, owner in ((stale, gone_owner.pid), (live, os.getpid())):
+        (run_dir / "node").mkdir(parents=True)
+        (run_dir / "owner.pid").write_text(str(owner))
+        # A stand-in with HAProxy's command line: the word and a config under the directory.
+        sleepers.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)",
+                                          "haproxy", "-f", str(run_dir / "node" / "haproxy.cfg")]))
+    unrelated = tmp_path / f"{HAPROXY_DIR_PREFIX}no-owner-file"
+    unrelated.mkdir()
+    try:
+        time.sleep(0.2)  # their command lines are in /proc
+        assert reap_stale_haproxy(str(tmp_path)) == [sleepers[0].pid]
+        assert sleepers[0].wait(10) != 0
+        assert sleepers[1].poll() is None
+        assert not stale.exists() and live.exists() and unrelated.exists()
+    finally:
+        for p in sleepers:
+            p.kill()
+            p.wait(10)

@@ -86,6 +86,9 @@ def test_up_serves_what_its_config_says_and_stops_cleanly_on_sigint(dev_models, 
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)
+            from serve.cli import reap_stale_haproxy
+
+            reap_stale_haproxy()  # a killed server's HAProxy would live on
         log.close()
 
 
@@ -127,7 +130,9 @@ def _haproxy_answers(url: str, output: str, topology: str) -> None:
     configs = list(Path(run_dir).rglob("haproxy.cfg"))
     assert configs, run_dir
     assert f"balance {HAPROXY_SESSION_BALANCE}" in configs[0].read_text()
-    assert any("haproxy" in cmd and str(configs[0]) in cmd for _, cmd in _cmdlines())
+    from serve.cli import _processes
+
+    assert any("haproxy" in cmd and str(configs[0]) in cmd for _, cmd in _processes())
     if topology != "fused":
         return
     with httpx.Client(base_url=url, timeout=60) as c:
@@ -191,21 +196,11 @@ def _haproxy_answers(url: str, output: str, topology: str) -> None:
         assert moved == 1
 
 
-def _cmdlines() -> list[tuple[int, str]]:
-    out = []
-    for proc_dir in Path("/proc").iterdir():
-        if not proc_dir.name.isdigit():
-            continue
-        try:
-            out.append((int(proc_dir.name), (proc_dir / "cmdline").read_bytes().replace(b"\0", b" ").decode()))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
 def _pids_titled(title: str) -> list[int]:
     """Processes whose command line (Ray's process title) holds `title`."""
-    return sorted(pid for pid, cmd in _cmdlines() if cmd.startswith("ray::") and title in cmd)
+    from serve.cli import _processes
+
+    return sorted(pid for pid, cmd in _processes() if cmd.startswith("ray::") and title in cmd)
 
 
 
