@@ -71,7 +71,7 @@ def test_up_serves_what_its_config_says_and_stops_cleanly_on_sigint(dev_models, 
         assert f"{url}/docs" in output and f"127.0.0.1:{metrics_port}/metrics" in output
         _serves_what_the_config_says(url, topology)
         if ingress == "haproxy":
-            _haproxy_answers(url, output, topology)
+            _haproxy_answers(url, output, topology, proc.pid)
         assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).status_code == 200
 
         proc.send_signal(signal.SIGINT)
@@ -118,7 +118,7 @@ def _serves_what_the_config_says(url: str, topology: str) -> None:
             assert c.delete(f"/v1/sessions/{r.json()['session_id']}").status_code == 200
 
 
-def _haproxy_answers(url: str, output: str, topology: str) -> None:
+def _haproxy_answers(url: str, output: str, topology: str, up_pid: int) -> None:
     """The requests went through an HAProxy of this server's own (its config in
     the directory `up` printed, with the session balance), and in fused a
     session's pages stay on one of the two replicas while classify spreads,
@@ -136,9 +136,16 @@ def _haproxy_answers(url: str, output: str, topology: str) -> None:
     if topology != "fused":
         return
     with httpx.Client(base_url=url, timeout=60) as c:
-        replicas = {c.post("/v1/classify", json={"model": "standard", "text": "a page"}).headers["x-bsbr-replica"]
-                    for _ in range(4)}
-        assert len(replicas) == 2, replicas  # round robin over both
+        # Classify goes round robin over both replicas, once HAProxy has both:
+        # Serve adds a replica to HAProxy's configuration shortly after it is
+        # up, so `up` may report ready while HAProxy still knows only one.
+        replicas, deadline = set(), time.time() + 60
+        while len(replicas) < 2 and time.time() < deadline:
+            r = c.post("/v1/classify", json={"model": "standard", "text": "a page"})
+            assert r.status_code == 200, r.text
+            replicas.add(r.headers["x-bsbr-replica"])
+            time.sleep(0.2)
+        assert len(replicas) == 2, replicas
         for _ in range(2):
             sid = c.post("/v1/sessions", json={"model": "standard"}).json()["session_id"]
             seen = set()
@@ -165,26 +172,34 @@ def _haproxy_answers(url: str, output: str, topology: str) -> None:
             if len(on) == 2:
                 break
         assert len(on) == 2, on
-        pids = _pids_titled("ServeReplica:bsbr:api")
+        pids = _pids_titled("ServeReplica:bsbr:api", up_pid)
         assert len(pids) == 2, pids
         os.kill(pids[0], signal.SIGKILL)
         # Both sessions' next pages at once, right after the kill: one of them
-        # goes to the dead replica before HAProxy knows it is gone, and HAProxy
-        # closes that connection without an answer (unlike Serve's proxy, it
-        # does not resend it: docs/architecture.md 3.8). The client sends the
-        # same seq again, as it may, and the other replica answers it.
-        dropped = []
+        # may go to the dead replica. Until HAProxy marks it down, HAProxy then
+        # closes the connection without an answer, or answers its own
+        # plain-text 500 (unlike Serve's proxy, it does not resend the request:
+        # docs/architecture.md 3.8). The client sends the same seq again, as it
+        # may, until the other replica answers it.
+        dropped: dict[str, int] = {}
 
         def next_page(sid: str) -> httpx.Response:
-            try:
-                return c.post(f"/v1/sessions/{sid}/pages", json={"seq": 1, "text": texts[1]})
-            except httpx.RemoteProtocolError:
-                dropped.append(sid)
-                return c.post(f"/v1/sessions/{sid}/pages", json={"seq": 1, "text": texts[1]})
+            deadline = time.time() + 20
+            while True:
+                try:
+                    r = c.post(f"/v1/sessions/{sid}/pages", json={"seq": 1, "text": texts[1]})
+                    if r.status_code != 500:
+                        return r
+                    assert r.text == "Internal Server Error", r.text  # HAProxy's, not the server's JSON error
+                except httpx.RemoteProtocolError:
+                    pass
+                dropped[sid] = dropped.get(sid, 0) + 1
+                assert time.time() < deadline, f"seq 1 of {sid} unanswered after {dropped[sid]} tries"
+                time.sleep(0.25)
 
         with ThreadPoolExecutor(2) as pool:
             firsts = dict(zip(on, pool.map(next_page, on.values())))
-        assert len(dropped) <= 1
+        assert len(dropped) <= 1, dropped  # only the dead replica's session
         moved = 0
         for replica, sid in on.items():
             answers = [firsts[replica], c.post(f"/v1/sessions/{sid}/pages", json={"seq": 2, "text": texts[2]})]
@@ -196,12 +211,29 @@ def _haproxy_answers(url: str, output: str, topology: str) -> None:
         assert moved == 1
 
 
-def _pids_titled(title: str) -> list[int]:
-    """Processes whose command line (Ray's process title) holds `title`."""
+def _pids_titled(title: str, root: int) -> list[int]:
+    """Descendants of process `root` whose command line (Ray's process title)
+    holds `title`: only this server's, not those of the suite's shared cluster."""
     from serve.cli import _processes
 
-    return sorted(pid for pid, cmd in _processes() if cmd.startswith("ray::") and title in cmd)
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
 
+    def under_root(pid: int) -> bool:
+        seen = set()
+        while pid in parent and pid not in seen:
+            if pid == root:
+                return True
+            seen.add(pid)
+            pid = parent[pid]
+        return False
+
+    return sorted(pid for pid, cmd in _processes() if cmd.startswith("ray::") and title in cmd and under_root(pid))
 
 
 def test_models_dir_serves_every_model_there(dev_models):
