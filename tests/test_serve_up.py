@@ -156,9 +156,8 @@ def _haproxy_answers(url: str, output: str, topology: str, up_pid: int) -> None:
             assert len(seen) == 1, seen
             assert c.delete(f"/v1/sessions/{sid}").status_code == 200
         # A session on each replica (the config allows 2), a page each; then kill
-        # one replica: HAProxy sends the next page of its session (the connection
-        # closed without an answer) to the other, which resumes the session from
-        # the store; both sessions give their one-shot answers.
+        # one replica: its session goes on on the other, which resumes it from
+        # the store, and both sessions give their one-shot answers.
         texts = [f"page {i} of the kernel maps memory" for i in range(3)]
         on: dict[str, str] = {}  # replica -> session
         for _ in range(32):
@@ -208,7 +207,9 @@ def _haproxy_answers(url: str, output: str, topology: str, up_pid: int) -> None:
             whole = c.post("/v1/classify", json={"model": "standard", "pages": texts}).json()
             for label, v in whole["logits"].items():
                 assert abs(answers[-1].json()["logits"][label] - v) < 1e-4
-        assert moved == 1
+        # The dead replica's session moved (the other one may too, if Serve's
+        # replacement replica joined HAProxy meanwhile and the hash moved it).
+        assert moved >= 1
 
 
 def _pids_titled(title: str, root: int) -> list[int]:
