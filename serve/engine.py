@@ -467,11 +467,12 @@ class Engine:
             logits, new_state, page_ms, _ = await self._read(state, token_pages, mode, num_pages + 1)
             blob, delta = await asyncio.get_running_loop().run_in_executor(
                 self.io, _checkpoint, new_state, state, chain_bytes)
+            nbytes = new_state.nbytes
             result = {
                 "session_id": session_id, "model": self.name, "seq": seq,
                 **prediction(self.labels, logits),
                 "num_tokens": new_state.num_tokens, "num_pages": num_pages + len(token_pages),
-                "state_bytes": new_state.nbytes,
+                "state_bytes": nbytes,
                 "timing": {"page_ms": page_ms, "total_ms": (time.perf_counter() - t0) * 1000.0},
                 "expires_in_s": ttl_s, "final": False,
             }
@@ -490,7 +491,7 @@ class Engine:
                 self.metrics.resume(source)
             chain_bytes = chain_bytes + [len(blob)] if delta else [len(blob)]
             self._put_hot(session_id, HotSession(new_state, seq + 1, result["num_pages"], ttl_s, time.monotonic(),
-                                                  new_state.nbytes, chain_bytes))
+                                                  nbytes, chain_bytes))
             return result
 
     async def get(self, session_id: str) -> dict[str, Any]:

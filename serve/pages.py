@@ -54,6 +54,8 @@ def tokenize_document(
         check_unicode(p)
     if not any(p.strip() for p in pages):
         raise EmptyDocument("every page is empty (or only whitespace)")
+    if len(pages) == 1:  # a streamed page: no thread pool for one text
+        return [tokenizer.encode(pages[0], add_special_tokens=False).ids]
     return [enc.ids for enc in tokenizer.encode_batch(list(pages), add_special_tokens=False)]
 
 
