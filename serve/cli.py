@@ -142,6 +142,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         _error(f"cannot serve on {args.host}:{args.port}: {taken.strerror or taken}{hint}")
         return EXIT_USAGE
 
+    ray_env_defaults()  # before Serve is imported: it reads its flags then
     import ray
     from ray import serve
 
@@ -157,7 +158,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"note: metrics port {metrics_port} is taken; Ray picks a free one (printed below)", file=sys.stderr)
         metrics_port = 0
     print(f"starting Ray (num_cpus={num_cpus}) and models: {', '.join(m.name for m in cfg.models)}", flush=True)
-    ray_env_defaults()
     haproxy_dir = None
     if args.ingress == "haproxy":
         haproxy_dir = haproxy_run_dir()
@@ -246,11 +246,32 @@ PROXY_READY_CHECK_TIMEOUT_S = "60"
 INLINE_OBJECT_BYTES = str(1 << 20)
 
 
+# What every bsbr-serve Ray gets (`up`, the test cluster, the benchmarks, and
+# the KubeRay pods' env: tests/test_deploy_configs.py checks they agree).
+# RAY_SERVE_THROUGHPUT_OPTIMIZED is Ray Serve's throughput mode (Ray >= 2.56,
+# which Ray's docs pair with the HAProxy ingress): user code on the replica's
+# own event loop (one thread hop less per request), the handle router on it
+# too, handle calls over gRPC, request-path logs buffered, and replica logs in
+# Serve's log files (/tmp/ray/session_latest/logs/serve/) rather than on
+# stderr. Its direct ingress (an HTTP port on every ingress replica) is off:
+# only HAProxy uses it, and Serve turns it on under HAProxy whatever this says.
+# Split behind Serve's proxy, 4 interleaved pairs of runs on this 2-core
+# machine (bench/serve_flags.py): a session page 2.52-2.71x its step with it,
+# 2.67-3.17x without (docs/architecture.md 3.8).
+RAY_ENV_DEFAULTS = {
+    "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": PROXY_READY_CHECK_TIMEOUT_S,
+    "RAY_max_direct_call_object_size": INLINE_OBJECT_BYTES,
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+}
+
+
 def ray_env_defaults() -> None:
-    """Set before ray.init (Ray's processes inherit the environment); a value
-    the user set wins."""
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_CHECK_TIMEOUT_S)
-    os.environ.setdefault("RAY_max_direct_call_object_size", INLINE_OBJECT_BYTES)
+    """Set RAY_ENV_DEFAULTS before Ray starts (Ray's processes inherit the
+    environment, and Serve reads its flags when imported); a value the user
+    set wins."""
+    for k, v in RAY_ENV_DEFAULTS.items():
+        os.environ.setdefault(k, v)
 
 
 HAPROXY_DIR_PREFIX = "bsbr-hap-"

@@ -410,6 +410,16 @@ def test_sessions_and_the_gcs_share_the_one_redis():
         assert _secret_ref(ray.get("env", []), "BSBR_REDIS_PASSWORD") == secret, group
 
 
+def test_every_ray_pod_gets_the_ray_settings_bsbr_serve_up_sets():
+    from serve.cli import RAY_ENV_DEFAULTS
+
+    rs = _kuberay_docs()["RayService"]
+    for group, template in _pod_templates(rs).items():
+        (ray,) = template["spec"]["containers"]
+        env = {e["name"]: e.get("value") for e in ray.get("env", [])}
+        assert {k: env.get(k) for k in RAY_ENV_DEFAULTS} == RAY_ENV_DEFAULTS, group
+
+
 def test_gcs_fault_tolerance_is_set_the_way_kuberay_accepts():
     # KubeRay's ValidateRayClusterSpec refuses the older ways next to gcsFaultToleranceOptions.
     rs = _kuberay_docs()["RayService"]
