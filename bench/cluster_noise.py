@@ -19,13 +19,9 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -74,7 +70,7 @@ def main() -> int:
     p.add_argument("--idle-s", type=float, default=10.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster_noise.json"))
     a = p.parse_args()
-    from serve_latency import free_port, make_text, write_result
+    from serve_latency import bsbr_serve_up, make_text, write_result
     from tokenizers import Tokenizer
 
     import torch
@@ -90,33 +86,12 @@ def main() -> int:
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "torch_threads": threads, "tokens": len(ids), "loadavg": {"before": list(os.getloadavg())}}
     out["alone_ms"] = reads(model, x, a.repeats)
-    port = free_port()
-    log = open(os.devnull, "w")
-    server = subprocess.Popen([str(Path(sys.executable).parent / "bsbr-serve"), "up", "--host", "127.0.0.1",
-                               "--port", str(port), "--metrics-port", "0", "--models-dir", str(models)],
-                              stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise SystemExit("bsbr-serve up did not become ready")
+    with bsbr_serve_up(models, ready_s=300):
         time.sleep(10)  # past its start-up work
         idle_ms = machine_cpu_ms(a.idle_s)
         out["idle_server"] = {"cpu_ms": idle_ms, "seconds": a.idle_s,
                               "share_of_cores": idle_ms / (a.idle_s * 1000 * (os.cpu_count() or 1))}
         out["beside_idle_server_ms"] = reads(model, x, a.repeats)
-    finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(180)
-        except subprocess.TimeoutExpired:
-            server.kill()
     time.sleep(10)
     out["alone_after_ms"] = reads(model, x, a.repeats)
     med = {k: sorted(out[k])[len(out[k]) // 2] for k in ("alone_ms", "beside_idle_server_ms", "alone_after_ms")}

@@ -30,9 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -44,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_latency import free_port, make_text, page_texts  # noqa: E402
+from serve_latency import bsbr_serve_up, make_text, page_texts  # noqa: E402
 
 VARIANTS = {
     "without": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
@@ -54,24 +52,7 @@ VARIANTS = {
 
 def one_run(topology: str, ingress: str, env_extra: dict[str, str], pages: list[str], n_seq: int,
             n_conc: int) -> dict:
-    port = free_port()
-    env = {**os.environ, **env_extra}
-    up = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--port", str(port),
-                           "--models-dir", str(ROOT / "models"), "--metrics-port", str(free_port()),
-                           "--topology", topology, "--ingress", ingress],
-                          cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or up.poll() is not None:
-                raise SystemExit(f"bsbr-serve up ({topology}, {ingress}) never became ready")
-            time.sleep(1)
+    with bsbr_serve_up(ROOT / "models", topology, ingress, env_extra) as (url, _):
         time.sleep(5)  # Serve adds the replica to HAProxy shortly after ready (docs/architecture.md 3.8)
 
         def session(n: int, offset: int) -> tuple[list[float], list[float]]:
@@ -111,13 +92,6 @@ def one_run(topology: str, ingress: str, env_extra: dict[str, str], pages: list[
         return {"request_ms": statistics.median(reqs), "step_ms": statistics.median(steps),
                 "request_over_step": statistics.median(q / s for q, s in zip(reqs, steps)),
                 "pages_per_s_8_sessions": sum(len(r) for r, _ in out) / secs}
-    finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(120)
-        except subprocess.TimeoutExpired:
-            up.kill()
-            up.wait(30)
 
 
 def main() -> int:

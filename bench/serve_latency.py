@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -70,15 +71,50 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from serve.cli import free_port as pick_free_port
 from serve.cli import haproxy_env, haproxy_run_dir, ray_env_defaults
 from serve.config import ModelSpec, SessionConfig, discover_models, is_trained
 from serve.devmodels import sample_text, write_random_models
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return pick_free_port()  # outside the ephemeral range: Ray's sockets cannot take it first
+
+
+@contextlib.contextmanager
+def bsbr_serve_up(models_dir: str | Path, topology: str | None = None, ingress: str = "serve",
+                  env: dict[str, str] | None = None, ready_s: float = 600):
+    """`bsbr-serve up` serving every model of models_dir on a free port of
+    127.0.0.1, as `make up` does; yields (url, its process) once /readyz
+    answers 200, and stops it with Ctrl-C (SIGINT) after."""
+    import signal
+    import subprocess
+
+    port = free_port()
+    argv = [sys.executable, "-m", "serve.cli", "up", "--host", "127.0.0.1", "--port", str(port),
+            "--models-dir", str(models_dir), "--metrics-port", str(free_port()), "--ingress", ingress]
+    up = subprocess.Popen(argv + (["--topology", topology] if topology else []), cwd=str(ROOT),
+                          env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + ready_s
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or up.poll() is not None:
+                raise SystemExit(f"bsbr-serve up ({topology or 'its'} topology, {ingress} ingress) never became ready")
+            time.sleep(1)
+        yield url, up
+    finally:
+        up.send_signal(signal.SIGINT)
+        try:
+            up.wait(120)
+        except subprocess.TimeoutExpired:
+            up.kill()
+            up.wait(30)
 
 
 def write_result(out: dict, path: str | Path) -> None:
@@ -487,31 +523,12 @@ def cpu_profile(a) -> dict:
 
 
 def cpu_profile_one(a, topology: str) -> dict:
-    import signal
-    import subprocess
-
     from tokenizers import Tokenizer
 
     root = Path(a.models_dir) if a.models_dir else ROOT / "models"
-    port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "serve.cli", "up", "--host", "127.0.0.1", "--port", str(port),
-                           "--models-dir", str(root), "--metrics-port", str(free_port()), "--topology", topology],
-                          cwd=str(ROOT),
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
     out: dict = {"models_dir": str(root), "topology": topology, "requests": a.profile_requests,
                  "loadavg": {"before": list(os.getloadavg())}}
-    try:
-        deadline = time.time() + 600
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or up.poll() is not None:
-                raise SystemExit("bsbr-serve up never became ready")
-            time.sleep(1)
+    with bsbr_serve_up(root, topology) as (url, up):
         tok = Tokenizer.from_file(str(root / "bsbr" / "tokenizer.json"))
         text = make_text(tok, 680, seed=3)
         n = a.profile_requests
@@ -544,12 +561,6 @@ def cpu_profile_one(a, topology: str) -> dict:
                              "cpu_ms_per_request": {k: (after[k] - before[k]) / n for k in procs}}
             c.delete(f"/v1/sessions/{sid}")
         out["tokens"] = len(tok.encode(text, add_special_tokens=False).ids)
-    finally:
-        up.send_signal(signal.SIGINT)
-        try:
-            up.wait(120)
-        except subprocess.TimeoutExpired:
-            up.kill()
     out["loadavg"]["after"] = list(os.getloadavg())
     return out
 
