@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     haproxy_dir = None
     if args.ingress == "haproxy":
         haproxy_dir = haproxy_run_dir()
-        for k, v in haproxy_env(haproxy_dir).items():
+        for k, v in haproxy_env(haproxy_dir, taken=(args.port, args.metrics_port)).items():
             os.environ.setdefault(k, v)  # Ray's processes inherit them; the user's own settings win
     ray.init(
         address="local", num_cpus=num_cpus, include_dashboard=False,
@@ -338,7 +339,7 @@ def _processes() -> list[tuple[int, str]]:
     return out
 
 
-def haproxy_env(run_dir: str) -> dict[str, str]:
+def haproxy_env(run_dir: str, taken: Collection[int] = ()) -> dict[str, str]:
     """The environment that puts Ray Serve's HAProxy ingress in front of the
     ingress replicas instead of Serve's Python HTTP proxy (set before Ray
     starts; docs/architecture.md 3.8): HAProxy (a C process; the binary
@@ -346,8 +347,16 @@ def haproxy_env(run_dir: str) -> dict[str, str]:
     straight to a replica's own HTTP port. Its files go under `run_dir` and
     its stats and metrics ports are free ones, so that two servers on one
     machine do not share them (Serve's defaults are /tmp/haproxy-serve and
-    fixed ports); session affinity by path (serve.router.HAPROXY_SESSION_BALANCE)."""
+    fixed ports; `taken`: ports this server will bind itself, free now);
+    session affinity by path (serve.router.HAPROXY_SESSION_BALANCE)."""
     from serve.router import HAPROXY_ENV, HAPROXY_SESSION_BALANCE
+
+    taken = set(taken)
+
+    def port() -> str:
+        p = free_port(exclude=taken)
+        taken.add(p)
+        return str(p)
 
     return {
         HAPROXY_ENV: "1",
@@ -356,19 +365,54 @@ def haproxy_env(run_dir: str) -> dict[str, str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{run_dir}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": run_dir,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{run_dir}/server-state",
-        "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
-        "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+        "RAY_SERVE_HAPROXY_STATS_PORT": port(),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": port(),
         # Serve's Python proxy stays up beside HAProxy, as its fallback (8500, 9500 by default).
-        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
-        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": port(),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": port(),
     }
 
 
-def _free_port() -> int:
+# Ports picked for servers that bind them later (HAProxy's stats and metrics
+# and Serve's fallback proxy here; the tests' and benchmarks' servers): free
+# ones of 20000-29999. A port that a bind to port 0 returned lies in the
+# kernel's ephemeral range (32768-60999 here), and any of the many sockets Ray
+# opens before the server binds may be given that port meanwhile: a CI run
+# lost `bsbr-serve up`'s HTTP port to one so. No bind to port 0 gets these,
+# and Ray leaves them alone (its workers take 10002-19999 by default, Serve's
+# direct ingress 30000 and up).
+PICKED_PORTS = range(20000, 30000)
+_handed_out: set[int] = set()  # by this process: two draws never give one port
+
+
+def _ephemeral_ports() -> range:
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return range(lo, hi + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)  # Linux's default
+
+
+def free_port(host: str = "127.0.0.1", exclude: Collection[int] = ()) -> int:
+    """A port of PICKED_PORTS that is free on `host` now, outside the
+    ephemeral range and `exclude`, drawn at random (by the OS's randomness, so
+    two processes do not draw alike), and not given before by this process;
+    a bind to port 0 if none is."""
+    import random
     import socket
 
+    ephemeral = _ephemeral_ports()
+    pool = [p for p in PICKED_PORTS if p not in ephemeral and p not in exclude and p not in _handed_out]
+    for p in random.SystemRandom().sample(pool, min(64, len(pool))):
+        with socket.socket() as s:
+            try:
+                s.bind((host, p))
+            except OSError:
+                continue
+        _handed_out.add(p)
+        return p
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import time
 from pathlib import Path
 
@@ -38,9 +37,12 @@ _singletons: dict[str, object] = {}
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port outside the kernel's ephemeral range (serve.cli.free_port):
+    a server that binds it after Ray has started cannot find it taken by one of
+    Ray's own sockets."""
+    from serve.cli import free_port as pick
+
+    return pick()
 
 
 def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> bool:

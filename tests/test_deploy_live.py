@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,9 +53,9 @@ GRAFANA_VARS = {"$model": ".*", "$mode": ".*", "$__rate_interval": "1m", "$__ran
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from serve.cli import free_port as pick  # outside the ephemeral range: see there
+
+    return pick()
 
 
 def http(method: str, url: str, body: dict | bytes | None = None, timeout: float = 60,

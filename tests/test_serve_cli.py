@@ -254,3 +254,25 @@ def test_reap_stale_haproxy_stops_only_the_haproxy_of_servers_that_are_gone(tmp_
         for p in sleepers:
             p.kill()
             p.wait(10)
+
+
+def test_free_port_is_outside_the_ephemeral_range_free_and_new():
+    """Ports for servers that bind after Ray starts: none of Ray's binds to port 0 can take them first."""
+    import socket
+
+    from serve.cli import PICKED_PORTS, _ephemeral_ports, free_port
+
+    ephemeral = _ephemeral_ports()
+    ports = [free_port() for _ in range(40)]
+    assert len(set(ports)) == len(ports)
+    for p in ports:
+        assert p in PICKED_PORTS and p not in ephemeral
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # free
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        assert s.getsockname()[1] in ephemeral  # what the picked range avoids
+    (last,) = [p for p in PICKED_PORTS if p not in ports][-1:]
+    others = set(PICKED_PORTS) - {last}
+    # Only `last` is left to draw: it, or where it is busy, a port the kernel gives.
+    assert free_port(exclude=others) in {last} | set(ephemeral)
