@@ -70,10 +70,10 @@ def main() -> int:
     p.add_argument("--idle-s", type=float, default=10.0)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster_noise.json"))
     a = p.parse_args()
+    import torch
     from serve_latency import bsbr_serve_up, make_text, write_result
     from tokenizers import Tokenizer
 
-    import torch
     from bsbr_core.backends import load_backend
 
     models = Path(a.models_dir)

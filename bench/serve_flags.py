@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_latency import bsbr_serve_up, make_text, page_texts  # noqa: E402
+from serve_latency import bsbr_serve_up, make_text, page_texts
 
 VARIANTS = {
     "without": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},

@@ -59,7 +59,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import sys
 import tempfile
 import threading
