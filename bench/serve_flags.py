@@ -19,7 +19,9 @@ then measures over HTTP on 127.0.0.1:
 Variants (`--variants`, default `without,with`):
 - `without`: serve.cli.RAY_ENV_DEFAULTS minus Ray Serve's throughput mode
   (RAY_SERVE_THROUGHPUT_OPTIMIZED=0);
-- `with`: serve.cli.RAY_ENV_DEFAULTS as `bsbr-serve up` sets them.
+- `with`: serve.cli.RAY_ENV_DEFAULTS as `bsbr-serve up` sets them
+  (bench/results/serve_flags.json was run while they still had the mode's
+  gRPC transport on).
 
     python bench/serve_flags.py              # writes bench/results/serve_flags.json
 

@@ -252,17 +252,23 @@ INLINE_OBJECT_BYTES = str(1 << 20)
 # RAY_SERVE_THROUGHPUT_OPTIMIZED is Ray Serve's throughput mode (Ray >= 2.56,
 # which Ray's docs pair with the HAProxy ingress): user code on the replica's
 # own event loop (one thread hop less per request), the handle router on it
-# too, handle calls over gRPC, request-path logs buffered, and replica logs in
+# too, handle calls over gRPC (off, below), request-path logs buffered, and replica logs in
 # Serve's log files (/tmp/ray/session_latest/logs/serve/) rather than on
 # stderr. Its direct ingress (an HTTP port on every ingress replica) is off:
 # only HAProxy uses it, and Serve turns it on under HAProxy whatever this says.
 # Split behind Serve's proxy, 4 interleaved pairs of runs on this 2-core
-# machine (bench/serve_flags.py): a session page 2.52-2.71x its step with it,
-# 2.67-3.17x without (docs/architecture.md 3.8).
+# machine (bench/serve_flags.py, gRPC still on then): a session page
+# 2.52-2.71x its step with it, 2.67-3.17x without (docs/architecture.md 3.8).
+# Its gRPC transport is set off: under it a handle call's response future,
+# which serve.engine_client gives http.replica_timeout_s (5 s) to be assigned
+# to a replica, resolved only when the replica answered, so a standard page
+# that took over 5 s under the soak was cancelled and answered 503
+# `unavailable` (5 of 13010 pages, bench/results/load_throughput_mode.json).
 RAY_ENV_DEFAULTS = {
     "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": PROXY_READY_CHECK_TIMEOUT_S,
     "RAY_max_direct_call_object_size": INLINE_OBJECT_BYTES,
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "0",
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
 }
 
