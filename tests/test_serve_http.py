@@ -442,6 +442,54 @@ def test_a_model_with_no_running_replica_is_503_unavailable_with_retry_after_not
     assert c.post("/v1/classify", json={"model": "bsbr", "text": "still here"}).status_code == 200
 
 
+def test_a_call_slower_than_replica_timeout_s_is_answered_not_cut_off(serve_cluster):
+    """http.replica_timeout_s bounds the wait for a replica to take a call, not
+    the call: a replica that takes 4x that long still answers. Under Serve's
+    gRPC transport (RAY_SERVE_USE_GRPC_BY_DEFAULT=1, which RAY_ENV_DEFAULTS sets
+    off) a response counted as assigned only once the replica had answered, so
+    this deadline cut such calls off as 503 unavailable: this test fails there.
+    The call is made from a replica, as the ingress makes it, with the
+    cluster's Ray settings."""
+    from ray import serve
+
+    timeout_s, slow_s = 0.5, 2.0
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Slow:
+        async def classify(self, text, pages):
+            import asyncio
+
+            await asyncio.sleep(float(text))
+            return {"result": {"slept_s": float(text)}, "replica": "slow"}
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Caller:
+        def __init__(self, slow):
+            from serve.engine_client import RayEngineClient
+
+            self.client = RayEngineClient("slow", slow, replica_timeout_s=timeout_s, retry_s=5)
+
+        async def __call__(self, seconds: float) -> dict:
+            import time as _time
+
+            from serve.errors import ServeError
+
+            t0 = _time.perf_counter()
+            try:
+                reply = await self.client.classify(str(seconds), None)
+            except ServeError as e:
+                return {"error": f"{e.status} {e.code}: {e}", "took_s": _time.perf_counter() - t0}
+            return {**reply.result, "took_s": _time.perf_counter() - t0}
+
+    handle = serve.run(Caller.bind(Slow.bind()), name="slow-call", route_prefix=None)
+    try:
+        out = handle.remote(slow_s).result(timeout_s=60)
+    finally:
+        serve.delete("slow-call", _blocking=False)
+    assert "error" not in out, out
+    assert out["slept_s"] == slow_s and slow_s <= out["took_s"] < slow_s + 20, out
+
+
 def _counter(text: str, name: str, **labels: str) -> dict[str, float]:
     """Values of the series `name` with these labels, by their `source` label."""
     import re
