@@ -14,16 +14,23 @@ engine's own functions:
 
 Medians over pages 6 to the last, for each store of `--stores`: `memory`
 (in-process), `ray_actor` (the default: a detached actor, in a local Ray
-started as `bsbr-serve up` starts it, serve.cli.ray_env_defaults, which
-passes objects up to 1 MiB inline), `ray_actor_100k` (the same with Ray's
-own inline limit, 100 KiB, so a page's 135 KB delta goes through the object
+started as `bsbr-serve up` starts it, serve.cli.ray_env_defaults, reached
+over its TCP channel, serve/store_channel.py), `ray_actor_ray` (the same
+actor reached by Ray calls, `sessions.store_channel: ray`, which pass
+objects up to 1 MiB inline), `ray_actor_100k` (Ray calls with Ray's own
+inline limit, 100 KiB, so a page's 135 KB delta goes through the object
 store), `redis` (needs `--redis-url` of a running Redis).
 
     python bench/engine_phases.py --redis-url redis://127.0.0.1:6379/0
                                    # writes bench/results/engine_phases.json
+    python bench/engine_phases.py --stores ray_actor,ray_actor_ray --rounds 4 \
+        --out bench/results/engine_phases_store_channel.json
 
-One store per child process (a fresh Ray for ray_actor). The JSON records
-the load average before and after.
+One store per child process (a fresh Ray for ray_actor), the stores taken
+in turn `--rounds` times (a round: each store once), so that a slow spell of
+this VM falls on all of them; `median_ms` is the median of the rounds'
+medians, `rounds` each round's. The JSON records the load average before
+and after.
 """
 from __future__ import annotations
 
@@ -69,7 +76,7 @@ async def measure(store_kind: str, models: Path, pages_n: int, redis_url: str | 
     from serve.config import ModelSpec, SessionConfig
     from serve.store import MemorySessionStore, RayActorSessionStore
 
-    if store_kind in ("ray_actor", "ray_actor_100k"):
+    if store_kind in ("ray_actor", "ray_actor_ray", "ray_actor_100k"):
         import ray
 
         from serve.cli import ray_env_defaults
@@ -78,7 +85,8 @@ async def measure(store_kind: str, models: Path, pages_n: int, redis_url: str | 
             os.environ["RAY_max_direct_call_object_size"] = str(100 * 1024)
         ray_env_defaults()
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", log_to_driver=False)
-        store = RayActorSessionStore(f"phases_{os.getpid()}", 10_000, 4 << 30)
+        store = RayActorSessionStore(f"phases_{os.getpid()}", 10_000, 4 << 30,
+                                     channel="socket" if store_kind == "ray_actor" else "ray")
     elif store_kind == "redis":
         from serve.redis_store import RedisSessionStore
 
@@ -114,6 +122,7 @@ def main() -> int:
     p.add_argument("--stores", default="memory,ray_actor,ray_actor_100k,redis")
     p.add_argument("--redis-url", default=None)
     p.add_argument("--pages", type=int, default=60)
+    p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "engine_phases.json"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -126,15 +135,24 @@ def main() -> int:
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "loadavg": {"before": list(os.getloadavg())}, "stores": {}}
+    rounds: dict[str, list[dict]] = {k: [] for k in stores}
+    for _ in range(a.rounds):
+        for kind in stores:
+            child = subprocess.run([sys.executable, __file__, "--child", kind, "--models-dir", a.models_dir,
+                                    "--pages", str(a.pages)] + (["--redis-url", a.redis_url] if a.redis_url else []),
+                                   capture_output=True, text=True, cwd=str(ROOT), check=False)
+            if child.returncode != 0:
+                raise SystemExit(f"{kind} failed:\n{child.stderr[-3000:]}")
+            r = json.loads(child.stdout.strip().splitlines()[-1])
+            rounds[kind].append(r["median_ms"])
+            print(f"{kind:>14}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["median_ms"].items()) + " (ms, medians)",
+                  flush=True)
     for kind in stores:
-        child = subprocess.run([sys.executable, __file__, "--child", kind, "--models-dir", a.models_dir,
-                                "--pages", str(a.pages)] + (["--redis-url", a.redis_url] if a.redis_url else []),
-                               capture_output=True, text=True, cwd=str(ROOT))
-        if child.returncode != 0:
-            raise SystemExit(f"{kind} failed:\n{child.stderr[-3000:]}")
-        r = out["stores"][kind] = json.loads(child.stdout.strip().splitlines()[-1])
-        print(f"{kind:>9}: " + ", ".join(f"{k} {v:.2f}" for k, v in r["median_ms"].items()) + " (ms, medians)",
-              flush=True)
+        out["stores"][kind] = {
+            "pages": a.pages,
+            "median_ms": {k: statistics.median(rd[k] for rd in rounds[kind]) for k in rounds[kind][0]},
+            "rounds": rounds[kind],
+        }
     from serve_latency import write_result
 
     write_result(out, a.out)

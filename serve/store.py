@@ -10,7 +10,8 @@ O(page) bytes amortised and the chain holds at most about twice the state.
 
 `SessionStore` is the interface (async, so a network store fits). The
 default, `RayActorSessionStore`, talks to one named, detached Ray actor
-(`SessionStoreActor`) that every replica on every node can reach by name.
+(`SessionStoreActor`) that every replica on every node can reach by name,
+and then talks to it over a TCP connection (serve.store_channel).
 `MemorySessionStore` is the same table in-process (one replica, tests,
 benchmarks). `serve.redis_store.RedisSessionStore` keeps everything in Redis,
 so sessions outlive every Ray process. tests/test_serve_store_contract.py
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -41,9 +43,12 @@ from serve.errors import (
     from_wire,
     is_wire_error,
 )
+from serve.store_channel import OPS as STORE_OPS
 
 if TYPE_CHECKING:
     from serve.config import SessionConfig
+
+logger = logging.getLogger("ray.serve")
 
 
 def new_session_id() -> str:
@@ -325,15 +330,20 @@ class SessionStoreActor:
 
     Sweeps expired sessions and refreshes its gauges every `sweep_s`.
     Answers are plain values or wire errors (dicts), never pickled exceptions.
-    Async methods without awaits run one at a time on the actor's event loop,
-    so each call is atomic.
+    Reached by Ray calls (`call`) and, once a client asks for its address, by
+    the TCP channel of serve.store_channel. Both run each operation whole on
+    the actor's event loop (no await inside one), so each is atomic.
     """
 
     def __init__(self, max_sessions: int, max_store_bytes: int, results_retained: int, sweep_s: float = 1.0):
         self.table = SessionTable(max_sessions, max_store_bytes, results_retained)
+        self._max_store_bytes = max_store_bytes
         self._sweep_s = sweep_s
         self._sweeper: asyncio.Task | None = None
         self._gauges = StoreFillGauges(max_store_bytes)
+        self._server: asyncio.AbstractServer | None = None
+        self._server_lock: asyncio.Lock | None = None
+        self._token = secrets.token_hex(16)
         self._report()
         try:
             self._ensure_sweeper()
@@ -354,8 +364,7 @@ class SessionStoreActor:
             self.table.sweep()
             self._report()
 
-    async def call(self, op: str, *args):
-        self._ensure_sweeper()
+    def _op(self, op: str, args) -> dict[str, Any]:
         try:
             return {"ok": getattr(self.table, op)(*args)}
         except ServeError as e:
@@ -363,6 +372,30 @@ class SessionStoreActor:
         finally:
             if op in ("create", "commit", "delete"):
                 self._report()
+
+    async def call(self, op: str, *args):
+        self._ensure_sweeper()
+        if op not in STORE_OPS:
+            raise ValueError(f"not a session store operation: {op!r}")
+        return self._op(op, args)
+
+    async def data_address(self) -> dict[str, Any]:
+        """Where the TCP channel listens (started by the first ask) and its token."""
+        import ray
+
+        from serve.store_channel import serve_peer
+
+        self._ensure_sweeper()
+        if self._server_lock is None:
+            self._server_lock = asyncio.Lock()
+        async with self._server_lock:
+            if self._server is None:
+                host = ray.util.get_node_ip_address()
+                max_blobs = self._max_store_bytes + (64 << 20)
+                self._server = await asyncio.start_server(
+                    lambda r, w: serve_peer(r, w, self._token, self._op, max_blobs), host, 0)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return {"host": host, "port": port, "token": self._token}
 
     async def ping(self) -> str:
         return "ok"
@@ -373,14 +406,30 @@ class RayActorSessionStore(SessionStore):
 
     Every replica on every node reaches the same actor by name; it outlives
     the Serve application (detached) until `ray.kill` or the cluster ends.
+    With `channel="socket"` (the default, `sessions.store_channel`) the
+    operations go over a TCP connection to the actor (serve.store_channel),
+    one per event loop, and Ray calls only find it; one it cannot open
+    (a firewall between nodes) is logged and Ray calls carry the operations
+    for the next RETRY_SOCKET_S. A connection lost with calls in flight is
+    503 `store_unavailable` for them, as a lost actor is over Ray: their
+    clients repeat them, and the compare-and-set on seq makes a commit that
+    did land answer its stored result.
     """
 
     NAMESPACE = "bsbr"
+    RETRY_SOCKET_S = 30.0
 
-    def __init__(self, name: str, max_sessions: int, max_store_bytes: int, results_retained: int = 64):
+    def __init__(self, name: str, max_sessions: int, max_store_bytes: int, results_retained: int = 64,
+                 channel: str = "socket"):
+        if channel not in ("socket", "ray"):
+            raise ValueError(f"unknown store channel {channel!r}")
         self.name = name
+        self.channel = channel
         self._args = (max_sessions, max_store_bytes, results_retained)
         self._actor = None
+        self._channels: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._opening: dict[asyncio.AbstractEventLoop, asyncio.Future] = {}
+        self._socket_off_until = 0.0
 
     def connect(self) -> None:
         self._handle()
@@ -396,14 +445,70 @@ class RayActorSessionStore(SessionStore):
             ).remote(*self._args)
         return self._actor
 
-    async def _call(self, op: str, *args):
+    def _lost(self, why: str) -> StoreUnavailable:
+        self._actor = None
+        return StoreUnavailable(f"session store unavailable: {why}", retry_after_s=1.0)
+
+    async def _data_address(self) -> dict[str, Any]:
         import ray
 
         try:
-            out = await self._handle().call.remote(op, *args)
+            return await self._handle().data_address.remote()
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-            self._actor = None
-            raise StoreUnavailable(f"session store unavailable: {type(e).__name__}", retry_after_s=1.0) from None
+            raise self._lost(type(e).__name__) from None
+
+    async def _socket(self):
+        """This loop's channel to the actor; None while Ray calls carry the operations."""
+        from serve.store_channel import Channel, ChannelClosed
+
+        if self.channel != "socket" or time.monotonic() < self._socket_off_until:
+            return None
+        loop = asyncio.get_running_loop()
+        ch = self._channels.get(loop)
+        if ch is not None and not ch.closed:
+            return ch
+        for dead in [lp for lp in self._channels if lp.is_closed()]:  # loops of finished asyncio.run()s
+            del self._channels[dead]
+        opening = self._opening.get(loop)
+        if opening is not None:
+            return await asyncio.shield(opening)
+        opening = self._opening[loop] = loop.create_future()
+        try:
+            addr = await self._data_address()
+            try:
+                ch = await Channel.open(addr["host"], addr["port"], addr["token"])
+            except (OSError, asyncio.TimeoutError, ChannelClosed) as e:
+                logger.warning("session store %s: no TCP channel to %s:%s (%s); Ray calls for the next %g s",
+                               self.name, addr["host"], addr["port"], e, self.RETRY_SOCKET_S)
+                self._socket_off_until = time.monotonic() + self.RETRY_SOCKET_S
+                ch = None
+            else:
+                self._channels[loop] = ch
+            opening.set_result(ch)
+            return ch
+        except BaseException as e:
+            opening.set_exception(e)
+            opening.exception()  # retrieved: the callers waiting on it re-raise it
+            raise
+        finally:
+            self._opening.pop(loop, None)
+
+    async def _call(self, op: str, *args):
+        import ray
+
+        from serve.store_channel import ChannelClosed
+
+        ch = await self._socket()
+        if ch is not None:
+            try:
+                out = await ch.call(op, args)
+            except ChannelClosed as e:
+                raise self._lost(f"its connection dropped ({e})") from None
+        else:
+            try:
+                out = await self._handle().call.remote(op, *args)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+                raise self._lost(type(e).__name__) from None
         if is_wire_error(out):
             raise from_wire(out)
         return out["ok"]
@@ -435,7 +540,7 @@ def make_store(cfg: SessionConfig) -> SessionStore:
     """The store `sessions.store` names (serve.config.SessionConfig)."""
     args = (cfg.max_sessions, cfg.max_store_bytes, cfg.results_retained)
     if cfg.store == "ray_actor":
-        return RayActorSessionStore(cfg.store_name, *args)
+        return RayActorSessionStore(cfg.store_name, *args, channel=cfg.store_channel)
     if cfg.store == "memory":
         return MemorySessionStore(*args)
     if cfg.store == "redis":

@@ -32,7 +32,8 @@ from serve.store import (
 
 pytest_plugins = ["conftest_serve", "redis_helpers"]
 
-STORES = ("memory", "ray_actor", "redis")
+# ray_actor: its operations over the TCP channel (the default); ray_actor_ray: over Ray calls.
+STORES = ("memory", "ray_actor", "ray_actor_ray", "redis")
 
 
 class Clock:
@@ -91,15 +92,26 @@ def _redis_kit(server) -> StoreKit:
     return StoreKit("redis", make, advance)
 
 
-def _ray_actor_kit(request) -> StoreKit:
+class _OverSocketOnly(RayActorSessionStore):
+    """The default ray_actor store that fails a call Ray would carry (a fallback
+    from the TCP channel would otherwise pass these tests unseen)."""
+
+    async def _socket(self):
+        ch = await super()._socket()
+        assert ch is not None, "the store's TCP channel did not open"
+        return ch
+
+
+def _ray_actor_kit(request, channel: str) -> StoreKit:
     import ray
 
     request.getfixturevalue("ray_local")
     made: list[RayActorSessionStore] = []
 
     def make(max_sessions=100, max_store_bytes=1 << 20, results_retained=64):
-        store = RayActorSessionStore(f"contract-{uuid.uuid4().hex[:12]}", max_sessions, max_store_bytes,
-                                     results_retained)
+        cls = _OverSocketOnly if channel == "socket" else RayActorSessionStore
+        store = cls(f"contract-{uuid.uuid4().hex[:12]}", max_sessions, max_store_bytes, results_retained,
+                    channel=channel)
         store.connect()
         made.append(store)
         return store
@@ -117,7 +129,7 @@ def _ray_actor_kit(request) -> StoreKit:
             ray.kill(s._handle(), no_restart=True)
 
     request.addfinalizer(kill_all)
-    return StoreKit("ray_actor", make, advance)
+    return StoreKit("ray_actor" if channel == "socket" else "ray_actor_ray", make, advance)
 
 
 @pytest.fixture(params=STORES)
@@ -126,7 +138,7 @@ def store_kit(request) -> StoreKit:
         return _memory_kit()
     if request.param == "redis":
         return _redis_kit(request.getfixturevalue("redis_server"))
-    return _ray_actor_kit(request)
+    return _ray_actor_kit(request, "socket" if request.param == "ray_actor" else "ray")
 
 
 def run(coro):
@@ -376,6 +388,8 @@ def test_sessions_of_another_model_are_not_found(store_kit, dev_models):
 def test_the_config_names_the_store():
     assert type(make_store(SessionConfig(store="memory"))) is MemorySessionStore
     assert type(make_store(SessionConfig(store="ray_actor"))) is RayActorSessionStore
+    assert make_store(SessionConfig(store="ray_actor")).channel == "socket"
+    assert make_store(SessionConfig(store="ray_actor", store_channel="ray")).channel == "ray"
     store = make_store(SessionConfig(store="redis", redis_url="redis://127.0.0.1:1/3", store_name="x"))
     assert type(store) is RedisSessionStore and store.prefix == "{x}:"
     with pytest.raises(ValueError, match="redis_url"):
