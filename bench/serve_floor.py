@@ -18,6 +18,13 @@ Paths:
   configuration of bsbr-serve: it measures what the proxy costs.
 - `split_haproxy`, `fused_haproxy`: Serve's HAProxy ingress in front, as
   `bsbr-serve up --ingress haproxy` sets it up (serve.cli.haproxy_env).
+- `fused_haproxy_ray_calls`: the same, its sessions reaching the store actor
+  by Ray calls (`sessions.store_channel: ray`) instead of its TCP channel.
+- `uvicorn_memory`: no Ray at all: uvicorn in a process of its own serving
+  the same FastAPI app over an Engine in that process (serve.api.local_app,
+  the in-process engine client) with the in-memory store. Not a way to
+  deploy (one process, sessions die with it): the floor of bsbr-serve's own
+  HTTP and engine code on this machine, under every Serve path.
 
 Sessions are in the default store (the `ray_actor` actor), or with
 `--redis-url` in that Redis (a running one; `--paths` as above).
@@ -49,23 +56,102 @@ PATHS = {
     "fused_direct": ("fused", {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}),
     "split_haproxy": ("split", "haproxy"),
     "fused_haproxy": ("fused", "haproxy"),
+    "fused_haproxy_ray_calls": ("fused", "haproxy"),
+    "uvicorn_memory": (None, {}),
 }
+SESSION_OVERRIDES = {"fused_haproxy_ray_calls": {"store_channel": "ray"}}
 DIRECT_PORTS = range(30000, 30010)
 
 
-def measure(topology: str, direct: bool, models: Path, pages_n: int, healthz_n: int, redis_url: str | None) -> dict:
+def _pages(models: Path, pages_n: int) -> list[str]:
+    from serve_latency import make_text, page_texts
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(models / "bsbr" / "tokenizer.json"))
+    return page_texts(tok, make_text(tok, pages_n * 512, seed=1), 512)[:pages_n]
+
+
+def measure_url(url: str, pages: list[str], healthz_n: int) -> dict:
+    """GET /healthz healthz_n times, then one session of `pages`, sequentially."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=120) as c:
+        for _ in range(20):
+            c.get("/healthz").raise_for_status()
+        h = []
+        for _ in range(healthz_n):
+            t0 = time.perf_counter()
+            c.get("/healthz").raise_for_status()
+            h.append((time.perf_counter() - t0) * 1000)
+        sid = c.post("/v1/sessions", json={"model": "bsbr"}).json()["session_id"]
+        req, step = [], []
+        for i, p in enumerate(pages):
+            t0 = time.perf_counter()
+            r = c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]})
+            req.append((time.perf_counter() - t0) * 1000)
+            r.raise_for_status()
+            step.append(r.json()["timing"]["page_ms"][0])
+        c.delete(f"/v1/sessions/{sid}")
+    ratios = [q / s for q, s in zip(req[5:], step[5:])]
+    return {"url": url, "healthz_ms": statistics.median(h), "page_ms": statistics.median(step[5:]),
+            "request_ms": statistics.median(req[5:]), "request_over_step": statistics.median(ratios),
+            "pages": len(pages)}
+
+
+def serve_local(models: Path, port: int) -> None:
+    """uvicorn on 127.0.0.1:port, the app over an in-process Engine, memory store (the uvicorn_memory path)."""
+    import uvicorn
+
+    from serve.api import local_app
+    from serve.config import ModelSpec, SessionConfig
+    from serve.engine import load_engine
+    from serve.engine_client import InProcessEngineClient
+    from serve.store import MemorySessionStore
+
+    spec = ModelSpec(name="bsbr", path=str(models / "bsbr"), page_tokens=512, torch_threads=os.cpu_count() or 2)
+    engine = load_engine("bsbr", spec, SessionConfig(store="memory"), MemorySessionStore())
+    app = local_app({"bsbr": InProcessEngineClient(engine)}, {"sessions": {"store": "memory"}})
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+def measure_local(models: Path, pages_n: int, healthz_n: int) -> dict:
+    import httpx
+    from serve_latency import free_port
+
+    pages = _pages(models, pages_n)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--serve-local", str(port), "--models-dir", str(models)],
+                              cwd=str(ROOT))
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline or server.poll() is not None:
+                raise SystemExit("the uvicorn server never answered")
+            time.sleep(0.5)
+        return measure_url(url, pages, healthz_n)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def measure(topology: str, direct: bool, models: Path, pages_n: int, healthz_n: int, redis_url: str | None,
+            sessions: dict | None = None) -> dict:
     """In this process: start Ray and Serve, serve bsbr, measure, stop."""
     import httpx
     import ray
     from ray import serve
-    from serve_latency import free_port, make_text, page_texts
-    from tokenizers import Tokenizer
+    from serve_latency import free_port
 
     from serve.app import build_app
     from serve.cli import ray_env_defaults
 
-    tok = Tokenizer.from_file(str(models / "bsbr" / "tokenizer.json"))
-    pages = page_texts(tok, make_text(tok, pages_n * 512, seed=1), 512)[:pages_n]
+    pages = _pages(models, pages_n)
     port = free_port()
     ray_env_defaults()  # as bsbr-serve up starts Ray
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="warning", log_to_driver=False)
@@ -73,7 +159,7 @@ def measure(topology: str, direct: bool, models: Path, pages_n: int, healthz_n: 
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         args = {"models": [{"name": "bsbr", "path": str(models / "bsbr"), "page_tokens": 512,
                             "torch_threads": os.cpu_count() or 2, "ray_actor_options": {"num_cpus": 1}}],
-                "sessions": {"store_name": f"floor_{os.getpid()}",
+                "sessions": {"store_name": f"floor_{os.getpid()}", **(sessions or {}),
                              **({"store": "redis", "redis_url": redis_url} if redis_url else {})},
                 "topology": topology}
         serve.run(build_app(args), name="floor", route_prefix="/")
@@ -88,30 +174,10 @@ def measure(topology: str, direct: bool, models: Path, pages_n: int, healthz_n: 
                 continue
         if url is None:
             raise SystemExit(f"no server answered at {urls}")
-        with httpx.Client(base_url=url, timeout=120) as c:
-            for _ in range(20):
-                c.get("/healthz").raise_for_status()
-            h = []
-            for _ in range(healthz_n):
-                t0 = time.perf_counter()
-                c.get("/healthz").raise_for_status()
-                h.append((time.perf_counter() - t0) * 1000)
-            sid = c.post("/v1/sessions", json={"model": "bsbr"}).json()["session_id"]
-            req, step = [], []
-            for i, p in enumerate(pages):
-                t0 = time.perf_counter()
-                r = c.post(f"/v1/sessions/{sid}/pages", json={"seq": i, "pages": [p]})
-                req.append((time.perf_counter() - t0) * 1000)
-                r.raise_for_status()
-                step.append(r.json()["timing"]["page_ms"][0])
-            c.delete(f"/v1/sessions/{sid}")
+        return measure_url(url, pages, healthz_n)
     finally:
         serve.shutdown()
         ray.shutdown()
-    ratios = [q / s for q, s in zip(req[5:], step[5:])]
-    return {"url": url, "healthz_ms": statistics.median(h), "page_ms": statistics.median(step[5:]),
-            "request_ms": statistics.median(req[5:]), "request_over_step": statistics.median(ratios),
-            "pages": len(pages)}
 
 
 def main() -> int:
@@ -123,11 +189,19 @@ def main() -> int:
     p.add_argument("--redis-url", default=None, help="sessions in this (running) Redis, not the ray_actor store")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_floor.json"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--serve-local", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.serve_local:
+        serve_local(Path(a.models_dir), a.serve_local)
+        return 0
     if a.child:
         topology, env = PATHS[a.child]
+        if topology is None:
+            print(json.dumps(measure_local(Path(a.models_dir), a.pages, a.healthz)))
+            return 0
         direct = env == {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"}
-        print(json.dumps(measure(topology, direct, Path(a.models_dir), a.pages, a.healthz, a.redis_url)))
+        print(json.dumps(measure(topology, direct, Path(a.models_dir), a.pages, a.healthz, a.redis_url,
+                                 SESSION_OVERRIDES.get(a.child))))
         return 0
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
@@ -145,7 +219,7 @@ def main() -> int:
         child = subprocess.run([sys.executable, __file__, "--child", name, "--models-dir", a.models_dir,
                                 "--pages", str(a.pages), "--healthz", str(a.healthz)]
                                + (["--redis-url", a.redis_url] if a.redis_url else []),
-                               env={**os.environ, **env}, capture_output=True, text=True, cwd=str(ROOT))
+                               env={**os.environ, **env}, capture_output=True, text=True, cwd=str(ROOT), check=False)
         if run_dir is not None:
             shutil.rmtree(run_dir, ignore_errors=True)
         if child.returncode != 0:

@@ -116,9 +116,23 @@ def bsbr_serve_up(models_dir: str | Path, topology: str | None = None, ingress: 
             up.wait(30)
 
 
+def git_revision() -> str | None:
+    """The checkout's commit, with "+changes" when its tracked files differ from it."""
+    import subprocess
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=str(ROOT), capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=str(ROOT), check=False).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return rev + ("+changes" if dirty else "")
+
+
 def write_result(out: dict, path: str | Path) -> None:
-    """Record the load average after the run in `out` and write it as JSON to `path`."""
+    """Record the load average after the run (and the code's commit) in `out` and write it as JSON to `path`."""
     out["loadavg"]["after"] = list(os.getloadavg())
+    out.setdefault("code", git_revision())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=2) + "\n")
     print(f"load average before {out['loadavg']['before']}, after {out['loadavg']['after']}; wrote {path}")
@@ -147,7 +161,8 @@ def page_texts(tokenizer, text: str, page_tokens: int) -> list[str]:
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.results: dict = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+        self.results: dict = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+                              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                           "python": platform.python_version()},
                               "loadavg": {"before": list(os.getloadavg())}}
 
