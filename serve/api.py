@@ -652,8 +652,12 @@ def local_app(clients: dict[str, EngineClient], config: dict[str, Any] | None = 
     """The HTTP API over these clients in this process (FastAPI's TestClient, no
     Ray): the routes' `self` is one ApiServer instead of the Serve replica."""
     server = ApiServer({}, config or {"sessions": {"store": "memory"}}, clients=clients)
+
+    async def this_server() -> ApiServer:  # async, as Serve's is: FastAPI runs a sync one in a worker thread
+        return server
+
     for dep in _self_dependencies(app):
-        app.dependency_overrides[dep] = lambda: server
+        app.dependency_overrides[dep] = this_server
     return app
 
 
