@@ -47,7 +47,6 @@ import platform
 import random
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -311,9 +310,11 @@ class Reader(HttpUser):
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """Outside the kernel's ephemeral range, so none of the sockets Ray opens
+    while the server starts can take it first (serve.cli.free_port)."""
+    from serve.cli import free_port as pick
+
+    return pick()
 
 
 def replicas_config(models_dir: str | None, replicas: dict[str, int]) -> str:
