@@ -21,7 +21,8 @@ Variants (`--variants`, default `without,with`):
   (RAY_SERVE_THROUGHPUT_OPTIMIZED=0);
 - `with`: serve.cli.RAY_ENV_DEFAULTS as `bsbr-serve up` sets them
   (bench/results/serve_flags.json was run while they still had the mode's
-  gRPC transport on).
+  gRPC transport on; bench/results/serve_flags_no_grpc.json with it off,
+  RAY_SERVE_USE_GRPC_BY_DEFAULT=0, as now).
 
     python bench/serve_flags.py              # writes bench/results/serve_flags.json
 
@@ -111,7 +112,10 @@ def main() -> int:
     tok = Tokenizer.from_file(str(ROOT / "models" / "bsbr" / "tokenizer.json"))
     pages = page_texts(tok, make_text(tok, 512 * 400, seed=1), 512)
     variants = [v for v in a.variants.split(",") if v]
-    out = {"loadavg": {"before": list(os.getloadavg())}, "cpus": os.cpu_count(),
+    from serve_latency import git_revision
+
+    out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "code": git_revision(),
+           "loadavg": {"before": list(os.getloadavg())}, "cpus": os.cpu_count(),
            "variants": {v: VARIANTS[v] for v in variants}, "pages": a.pages, "conc_pages": a.conc_pages,
            "runs": []}
     for path in [x for x in a.paths.split(",") if x]:
