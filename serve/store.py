@@ -449,11 +449,16 @@ class RayActorSessionStore(SessionStore):
         self._actor = None
         return StoreUnavailable(f"session store unavailable: {why}", retry_after_s=1.0)
 
-    async def _data_address(self) -> dict[str, Any]:
+    async def _data_address(self) -> dict[str, Any] | None:
+        """The channel's address; None from a store actor made by a version of
+        bsbr-serve without one (a detached actor outlives the app's code)."""
         import ray
 
+        actor = self._handle()
+        if not hasattr(actor, "data_address"):
+            return None
         try:
-            return await self._handle().data_address.remote()
+            return await actor.data_address.remote()
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             raise self._lost(type(e).__name__) from None
 
@@ -476,10 +481,13 @@ class RayActorSessionStore(SessionStore):
         try:
             addr = await self._data_address()
             try:
+                if addr is None:
+                    raise ChannelClosed("the store actor has no TCP channel (made by an older bsbr-serve)")
                 ch = await Channel.open(addr["host"], addr["port"], addr["token"])
             except (OSError, asyncio.TimeoutError, ChannelClosed) as e:
-                logger.warning("session store %s: no TCP channel to %s:%s (%s); Ray calls for the next %g s",
-                               self.name, addr["host"], addr["port"], e, self.RETRY_SOCKET_S)
+                where = f"{addr['host']}:{addr['port']}" if addr else "its actor"
+                logger.warning("session store %s: no TCP channel to %s (%s); Ray calls for the next %g s",
+                               self.name, where, e, self.RETRY_SOCKET_S)
                 self._socket_off_until = time.monotonic() + self.RETRY_SOCKET_S
                 ch = None
             else:

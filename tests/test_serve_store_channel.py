@@ -236,3 +236,37 @@ def test_the_ray_channel_never_opens_a_socket(ray_local):  # noqa: F811
         run(go())
     finally:
         _kill(s)
+
+
+def test_a_store_actor_of_an_older_bsbr_serve_is_used_over_ray_calls(ray_local, caplog):  # noqa: F811
+    """A detached store actor outlives the app's code: one made before the
+    channel existed (Ray calls only) still serves a new replica's sessions."""
+    import ray
+
+    from serve.store import SessionTable
+
+    class OldStoreActor:  # what SessionStoreActor was: `call`, and no data_address
+        def __init__(self, *args):
+            self.table = SessionTable(*args)
+
+        async def call(self, op, *args):
+            return {"ok": getattr(self.table, op)(*args)}
+
+    name = f"channel-old-{uuid.uuid4().hex[:12]}"
+    old = ray.remote(OldStoreActor).options(name=name, namespace=RayActorSessionStore.NAMESPACE,
+                                            lifetime="detached", num_cpus=0).remote(100, 1 << 20, 64)
+    try:
+        ray.get(old.call.remote("stats"))
+        s = RayActorSessionStore(name, 100, 1 << 20, 64)
+
+        async def go():
+            with caplog.at_level("WARNING", logger="ray.serve"):
+                await s.create("s", "bsbr", 60)
+                assert await s.commit("s", 0, b"abc", {"seq": 0}) is None
+                assert (await s.load("s"))[1] == [b"abc"] and await s.result("s", 0) == {"seq": 0}
+            assert sum("older bsbr-serve" in r.getMessage() for r in caplog.records) == 1
+
+        run(go())
+        assert ray.get(old.call.remote("stats"))["ok"]["sessions"] == 1  # the old actor holds it
+    finally:
+        ray.kill(old, no_restart=True)
