@@ -115,8 +115,7 @@ def serve_local(models: Path, port: int) -> None:
 
 
 def measure_local(models: Path, pages_n: int, healthz_n: int) -> dict:
-    import httpx
-    from serve_latency import free_port
+    from serve_latency import free_port, wait_ready
 
     pages = _pages(models, pages_n)
     port = free_port()
@@ -124,16 +123,7 @@ def measure_local(models: Path, pages_n: int, healthz_n: int) -> dict:
                               cwd=str(ROOT))
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit("the uvicorn server never answered")
-            time.sleep(0.5)
+        wait_ready(url, server, 120, "the uvicorn server")
         return measure_url(url, pages, healthz_n)
     finally:
         server.terminate()

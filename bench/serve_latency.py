@@ -81,6 +81,20 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
+def wait_ready(url: str, proc, timeout_s: float, what: str) -> None:
+    """Until GET {url}/readyz answers 200; SystemExit if `proc` exits or timeout_s passes first."""
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            raise SystemExit(f"{what} never became ready")
+        time.sleep(0.5)
+
+
 def bsbr_serve_up(models_dir: str | Path, topology: str | None = None, ingress: str = "serve",
                   env: dict[str, str] | None = None, ready_s: float = 600):
     """`bsbr-serve up` serving every model of models_dir on a free port of
@@ -96,16 +110,7 @@ def bsbr_serve_up(models_dir: str | Path, topology: str | None = None, ingress: 
                           env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + ready_s
-        while True:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline or up.poll() is not None:
-                raise SystemExit(f"bsbr-serve up ({topology or 'its'} topology, {ingress} ingress) never became ready")
-            time.sleep(1)
+        wait_ready(url, up, ready_s, f"bsbr-serve up ({topology or 'its'} topology, {ingress} ingress)")
         yield url, up
     finally:
         up.send_signal(signal.SIGINT)
