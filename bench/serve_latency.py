@@ -80,7 +80,6 @@ def free_port() -> int:
     return pick_free_port()  # outside the ephemeral range: Ray's sockets cannot take it first
 
 
-@contextlib.contextmanager
 def wait_ready(url: str, proc, timeout_s: float, what: str) -> None:
     """Until GET {url}/readyz answers 200; SystemExit if `proc` exits or timeout_s passes first."""
     deadline = time.time() + timeout_s
@@ -95,6 +94,7 @@ def wait_ready(url: str, proc, timeout_s: float, what: str) -> None:
         time.sleep(0.5)
 
 
+@contextlib.contextmanager
 def bsbr_serve_up(models_dir: str | Path, topology: str | None = None, ingress: str = "serve",
                   env: dict[str, str] | None = None, ready_s: float = 600):
     """`bsbr-serve up` serving every model of models_dir on a free port of
