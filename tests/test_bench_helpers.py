@@ -48,3 +48,19 @@ def test_wait_ready_waits_for_readyz_and_gives_up_when_the_server_dies():
 def test_bsbr_serve_up_is_a_context_manager():
     cm = bsbr_serve_up("models")  # nothing starts before `with`
     assert hasattr(cm, "__enter__") and hasattr(cm, "__exit__")
+
+
+def test_page_profile_summarises_py_spy_stacks_per_page():
+    from page_profile import summarise
+
+    raw = "\n".join([
+        "thread (1): AsyncIO Thread: default;Thread.run (threading.py:982);Engine.append (serve/engine.py:470);"
+        "tokenize_document (serve/pages.py:60) 30",
+        "thread (1): AsyncIO Thread: default;Thread.run (threading.py:982);Engine.append (serve/engine.py:470) 10",
+        "thread (2): model_0;StepBatcher._run_batch (serve/engine.py:140);"
+        "StepBatcher._run_batch (serve/engine.py:145) 100",  # a recursion counts once
+    ])
+    out = summarise(raw, rate=100.0, pages=2)  # a sample is 10 ms; per page, 5 ms
+    assert out["thread_busy_ms_per_page"] == {"model_0": 500.0, "AsyncIO Thread: default": 200.0}
+    assert out["functions_ms_per_page"] == {"Engine.append on the loop": 200.0, "tokenising": 150.0,
+                                            "the model step (model thread)": 500.0}
