@@ -430,6 +430,7 @@ class RayActorSessionStore(SessionStore):
         self._channels: dict[asyncio.AbstractEventLoop, Any] = {}
         self._opening: dict[asyncio.AbstractEventLoop, asyncio.Future] = {}
         self._socket_off_until = 0.0
+        self._socket_failures = 0  # in a row: the first is a warning, the next ones (every RETRY_SOCKET_S) info
 
     def connect(self) -> None:
         self._handle()
@@ -486,11 +487,16 @@ class RayActorSessionStore(SessionStore):
                 ch = await Channel.open(addr["host"], addr["port"], addr["token"])
             except (OSError, asyncio.TimeoutError, ChannelClosed) as e:
                 where = f"{addr['host']}:{addr['port']}" if addr else "its actor"
-                logger.warning("session store %s: no TCP channel to %s (%s); Ray calls for the next %g s",
-                               self.name, where, e, self.RETRY_SOCKET_S)
+                logger.log(logging.WARNING if self._socket_failures == 0 else logging.INFO,
+                           "session store %s: no TCP channel to %s (%s); Ray calls for the next %g s",
+                           self.name, where, e, self.RETRY_SOCKET_S)
+                self._socket_failures += 1
                 self._socket_off_until = time.monotonic() + self.RETRY_SOCKET_S
                 ch = None
             else:
+                if self._socket_failures:
+                    logger.info("session store %s: TCP channel open again", self.name)
+                self._socket_failures = 0
                 self._channels[loop] = ch
             opening.set_result(ch)
             return ch

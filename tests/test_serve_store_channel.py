@@ -220,6 +220,12 @@ def test_a_channel_that_cannot_be_opened_leaves_the_operations_to_ray_calls(ray_
                 assert (await s.load("s"))[1] == [b"abc"]
             assert await s._socket() is None
             assert sum("no TCP channel" in r.getMessage() for r in caplog.records) == 1
+            # RETRY_SOCKET_S later it is tried again: still closed, said at INFO, not WARNING again.
+            s._socket_off_until = 0.0
+            with caplog.at_level("INFO", logger="ray.serve"):
+                assert await s.head("s") and await s._socket() is None
+            again = [r for r in caplog.records if "no TCP channel" in r.getMessage()]
+            assert [r.levelname for r in again] == ["WARNING", "INFO"]
 
         run(go())
     finally:
