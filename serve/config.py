@@ -106,8 +106,8 @@ class SessionConfig(_Strict):
     store_channel: Literal["socket", "ray"] = Field(
         default="socket",
         description="with ray_actor, how replicas reach the store actor: socket: a TCP connection to it "
-        "(its node's address, a port of the kernel's choosing, a token learned over Ray; a round trip about "
-        "10x shorter than a Ray call), falling back to Ray calls when it cannot be opened; ray: Ray calls only",
+        "(its node's address, a port of the kernel's choosing, a token learned over Ray; a commit's round trip "
+        "about 8x shorter than a Ray call's), falling back to Ray calls when it cannot be opened; ray: Ray calls only",
     )
     store_name: str = Field(default="bsbr_session_store", pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
                             description="the store actor's name; with redis, the prefix of its keys")

@@ -1,10 +1,10 @@
 """A TCP channel to the session store actor, beside Ray's actor calls.
 
-Why: a Ray actor call costs 1.3-2 ms of round trip on this 2-core machine
-even when it carries nothing, and a page's commit to the `ray_actor` store
-took 3.0 ms with its 135 KB delta; the same request over a plain TCP
-connection to the actor takes 0.2 ms (docs/architecture.md 3.2,
-bench/store_channel.py). Every session page pays one commit.
+Why: a Ray actor call costs 1.5 ms of round trip on this 2-core machine
+even when it carries nothing, and a page's commit (a 135 KB delta) 2.6 ms;
+over a plain TCP connection to the actor the same commit takes 0.33 ms
+(`python bench/store_channel.py`, bench/results/store_channel.json;
+docs/architecture.md 3.2). Every session page pays one commit.
 
 How: `SessionStoreActor` listens on its node's address at a port of the
 kernel's choosing once a client asks for it (`data_address`, a Ray call, so
