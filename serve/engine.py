@@ -32,12 +32,24 @@ Sessions: the state after each page stays hot here (LRU, `hot_max_bytes`)
 and is committed to the `SessionStore` with a compare-and-set on `seq`
 before the answer is returned, so a page is never lost once answered and
 never applied twice.
+
+Threads: all of a process's torch work (loading a model, every step, every
+checkpoint and every restore of a state) runs on one thread, `torch_thread()`,
+shared by the engines of a process (a fused replica holds several). libgomp,
+the OpenMP of torch's CPU builds, gives each thread that opens a parallel
+region a team of worker threads of its own, and once a process holds more
+OpenMP threads than cores it cuts their spin-wait to about a hundred spins,
+so each of a step's parallel regions then pays futex wake-ups. One other
+thread that had run a single parallel copy (a checkpoint, the model's load)
+was enough: the shipped bsbr model's 512-token step took 10-13 ms in the
+engine instead of 6-7 ms (bench/omp_teams.py, docs/architecture.md 3.9).
 """
 from __future__ import annotations
 
 import asyncio
 import bisect
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -67,6 +79,20 @@ from serve.store import SessionStore, new_session_id
 logger = logging.getLogger("ray.serve")
 
 
+_torch_thread: ThreadPoolExecutor | None = None
+_torch_thread_lock = threading.Lock()
+
+
+def torch_thread() -> ThreadPoolExecutor:
+    """The one thread of this process that runs torch work (module docstring:
+    one OpenMP team per process). Created on first use, shared by every engine."""
+    global _torch_thread
+    with _torch_thread_lock:
+        if _torch_thread is None:
+            _torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
+        return _torch_thread
+
+
 @dataclass
 class StepOutcome:
     logits: torch.Tensor  # (1, num_labels), on CPU
@@ -86,7 +112,7 @@ class _StepJob:
 class StepBatcher:
     """Runs the page steps of concurrent requests on one model, batched.
 
-    One worker thread owns the model (torch ops release the GIL, so the
+    The process's torch thread runs the model (torch ops release the GIL, so the
     event loop keeps accepting requests while a batch runs and the next
     batch fills up meanwhile). A failing batch of several documents is
     retried step by step so one bad document fails alone (a fallback:
@@ -102,7 +128,7 @@ class StepBatcher:
         self.batch_wait_s = batch_wait_s
         self.peak = peak or PeakMemory(model.device)
         self.metrics = metrics or EngineMetrics()
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.executor = torch_thread()
         self.active_requests = 0  # documents being read right now (set by Engine)
         self.batches = 0
         self.batched_steps = 0
@@ -280,7 +306,8 @@ class Engine:
             raise ValueError(f"{name}: tokenizer has {vocab} ids but the model only {self.cfg.vocab_size}")
         self.batcher = StepBatcher(model, spec.max_batch_size, spec.batch_wait_ms / 1000.0,
                                    metrics=self.metrics, name=name)
-        self.io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="state-io")
+        self.torch = self.batcher.executor  # checkpoints and restores: torch ops, so on the torch thread
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-io")  # malloc_trim
         self.hot: OrderedDict[str, HotSession] = OrderedDict()
         self.hot_bytes = 0
         self._locks: dict[str, asyncio.Lock] = {}
@@ -440,7 +467,7 @@ class Engine:
         from bsbr_core import StateError
 
         try:
-            state = await asyncio.get_running_loop().run_in_executor(self.io, _replay_chain, chain)
+            state = await asyncio.get_running_loop().run_in_executor(self.torch, _replay_chain, chain)
             self.model.check_state(state)
         except StateError as e:
             raise SessionIncompatible(f"session {sid} cannot be resumed by this model: {e}") from None
@@ -466,7 +493,7 @@ class Engine:
             self._check_length(state.num_tokens, token_pages)
             logits, new_state, page_ms, _ = await self._read(state, token_pages, mode, num_pages + 1)
             blob, delta = await asyncio.get_running_loop().run_in_executor(
-                self.io, _checkpoint, new_state, state, chain_bytes)
+                self.torch, _checkpoint, new_state, state, chain_bytes)
             nbytes = new_state.nbytes
             result = {
                 "session_id": session_id, "model": self.name, "seq": seq,
@@ -591,7 +618,10 @@ def load_engine(
     from bsbr_core.tokenizer import load_tokenizer
 
     try:
-        model = load_backend(spec.backend, spec.path, device=spec.device, threads=spec.torch_threads)
+        # On the torch thread: loading copies weights in parallel regions, whose OpenMP
+        # team would otherwise stay with the calling thread (module docstring).
+        model = torch_thread().submit(
+            load_backend, spec.backend, spec.path, device=spec.device, threads=spec.torch_threads).result()
     except UnknownBackend as e:
         raise BackendUnsupported(f"model {name!r}: {e}") from None
     except ImportError as e:

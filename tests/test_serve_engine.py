@@ -315,6 +315,47 @@ def test_a_new_sessions_first_page_needs_no_store_read_and_gives_the_same_answer
     assert a["logits"] == b["logits"] and a["num_tokens"] == b["num_tokens"] and a["num_pages"] == b["num_pages"] == 1
 
 
+def test_all_torch_work_runs_on_the_one_torch_thread(dev_models, monkeypatch):
+    """Loading, steps, checkpoints and restores of every engine of a process run
+    on the same thread: libgomp gives each thread that opens a parallel region
+    an OpenMP team, and a second team throttles the first one's spin-wait
+    (serve.engine module docstring; bench/omp_teams.py measures it)."""
+    import threading
+
+    import bsbr_core.backends
+    from bsbr_core import State
+
+    threads: dict[str, set[str]] = {}
+
+    def on_thread(what, fn):
+        def wrapper(*a, **k):
+            threads.setdefault(what, set()).add(threading.current_thread().name)
+            return fn(*a, **k)
+        return wrapper
+
+    monkeypatch.setattr(bsbr_core.backends, "load_backend", on_thread("load", bsbr_core.backends.load_backend))
+    monkeypatch.setattr(State, "to_bytes", on_thread("checkpoint", State.to_bytes))
+    monkeypatch.setattr(State, "from_bytes", classmethod(on_thread("restore", State.from_bytes.__func__)))
+    engines = [make_engine(dev_models, name) for name in ("bsbr", "standard")]
+    for eng in engines:
+        eng.model.step_many = on_thread("step", eng.model.step_many)
+    pages = document(3, seed=5)
+
+    async def go(eng):
+        sid = (await eng.create_session())["session_id"]
+        await eng.append(sid, 0, pages=pages[:2])
+        eng._drop_hot(sid)  # the next page resumes from the store's checkpoint chain
+        await eng.append(sid, 1, pages=pages[2:])
+        await eng.classify(pages=pages)
+
+    for eng in engines:
+        run(go(eng))
+    assert set(threads) == {"load", "step", "checkpoint", "restore"}, threads
+    names = set().union(*threads.values())
+    assert len(names) == 1 and names.pop().startswith("torch"), threads
+    assert engines[0].batcher.executor is engines[1].batcher.executor
+
+
 def test_dropped_states_trim_the_heap_at_most_once_per_interval(dev_models, monkeypatch):
     """Closed and replaced states count towards a malloc_trim, which runs once
     enough was dropped, and not again within the interval."""
