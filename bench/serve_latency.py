@@ -237,13 +237,19 @@ class Bench:
     def inprocess_oneshot(self, root: Path, model: str, pages: list[str], repeats: int = 3) -> dict:
         """The document read by the model in this process, one-shot: `model(ids)` (best of
         `repeats`; `ms`, the reference), and in steps of 4096 tokens (`steps_4096_ms`,
-        what the engine's one-shot runs)."""
+        what the engine's one-shot runs). On serve.engine's torch thread, where the
+        in-process engine runs too: a second thread opening parallel regions would give
+        this process a second OpenMP team and slow both references (docs/architecture.md 3.9)."""
         import torch
 
         from bsbr_core import load_model
+        from serve.engine import torch_thread
+
+        def on_torch_thread(fn):
+            return torch_thread().submit(fn).result()
 
         torch.set_num_threads(os.cpu_count() or 2)
-        m, tok = load_model(root / model)
+        m, tok = on_torch_thread(lambda: load_model(root / model))
         ids = torch.tensor([[i for p in pages for i in tok.encode(p, add_special_tokens=False).ids]])
 
         def best(fn) -> tuple[float, list[float]]:
@@ -259,10 +265,12 @@ class Bench:
             for lo in range(0, ids.shape[1], 4096):
                 _, state = m.step(ids[:, lo : lo + 4096], state)
 
-        with torch.no_grad():
-            m(ids[:, :512])  # warm-up
-            ms, all_ms = best(lambda: m(ids))
-            steps_ms, _ = best(stepped)
+        def measure():
+            with torch.no_grad():  # thread-local: inside the torch thread's call
+                m(ids[:, :512])  # warm-up
+                return best(lambda: m(ids)), best(stepped)
+
+        (ms, all_ms), (steps_ms, _) = on_torch_thread(measure)
         return {"pages": len(pages), "tokens": int(ids.shape[1]), "ms": ms, "all_ms": all_ms, "steps_4096_ms": steps_ms}
 
     def http_throughput(self, url: str, model: str, docs: list[list[str]], concurrency: int) -> dict:
@@ -628,6 +636,7 @@ def main() -> int:
     if a.cpu_profile:
         out = Path(a.out if a.out != p.get_default("out") else ROOT / "bench" / "results" / "serve_cpu_profile.json")
         r = cpu_profile(a)
+        r.setdefault("code", git_revision())
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(r, indent=2) + "\n")
         print(profile_summary(r))
@@ -645,6 +654,7 @@ def main() -> int:
     if a.smoke:
         a.stream_pages, a.page_tokens, a.object_store_mb = 60, 64, 300
     r = Bench(a).run()
+    r.setdefault("code", git_revision())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(r, indent=2) + "\n")
     plot(r, out.with_suffix(".png"))
