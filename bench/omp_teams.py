@@ -21,7 +21,13 @@ to the last):
   cost of the wake-ups alone);
 - `engine`: `Engine.append` of a session page as the engine now runs it
   (memory store): `model_step` and the whole `append`;
-- `engine_two_teams`: the same after another thread ran one parallel copy.
+- `engine_two_teams`: the same after another thread ran one parallel copy;
+- `fused_own_threads` / `fused_shared_thread`: a fused replica's choice, the
+  bsbr and standard engines in one process, each on a torch thread of its
+  own (what serve.engine does) or both on one: bsbr session pages alone
+  (`alone_ms`), then beside a one-shot classify of `--fused-pages` pages
+  (512 tokens each) by the standard model (`beside_ms`, p50 and max;
+  `standard_oneshot_ms`).
 
     python bench/omp_teams.py      # writes bench/results/omp_teams.json
 
@@ -47,7 +53,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-VARIANTS = ("one_team", "two_teams", "passive", "engine", "engine_two_teams")
+VARIANTS = ("one_team", "two_teams", "passive", "engine", "engine_two_teams", "fused_own_threads",
+            "fused_shared_thread")
 
 
 def open_second_team() -> None:
@@ -133,8 +140,60 @@ def measure_engine(models: Path, pages_n: int, threads: int, second_team: bool) 
     return {"model_step": statistics.median(steps[5:]), "append": statistics.median(appends[5:])}
 
 
-def child(variant: str, models: Path, pages_n: int, threads: int) -> dict:
-    if variant.startswith("engine"):
+def measure_fused(models: Path, threads: int, shared: bool, standard_pages: int) -> dict:
+    from serve_latency import make_text, page_texts
+    from tokenizers import Tokenizer
+
+    import serve.engine as engine_mod
+    from serve.config import ModelSpec, SessionConfig
+    from serve.store import MemorySessionStore
+
+    if shared:  # every engine of the process on the first one's thread
+        one = engine_mod.torch_thread("shared")
+        engine_mod.torch_thread = lambda name: one
+
+    def load(name):
+        spec = ModelSpec(name=name, path=str(models / name), page_tokens=512, torch_threads=threads)
+        return engine_mod.load_engine(name, spec, SessionConfig(max_store_bytes=16 << 30),
+                                      MemorySessionStore(max_store_bytes=16 << 30))
+
+    bsbr, standard = load("bsbr"), load("standard")
+    tok = Tokenizer.from_file(str(models / "bsbr" / "tokenizer.json"))
+    pages = page_texts(tok, make_text(tok, max(standard_pages, 60) * 512, seed=1), 512)
+
+    async def bsbr_pages(n: int, stop: asyncio.Event | None = None) -> list[float]:
+        sid = (await bsbr.create_session())["session_id"]
+        out = []
+        for seq in range(n):
+            t0 = time.perf_counter()
+            await bsbr.append(sid, seq, None, [pages[seq % 60]])
+            out.append((time.perf_counter() - t0) * 1000)
+            if stop is not None and stop.is_set():
+                break
+        return out
+
+    async def go() -> dict:
+        alone = await bsbr_pages(40)
+        stop = asyncio.Event()
+
+        async def oneshot() -> float:
+            t0 = time.perf_counter()
+            await standard.classify(pages=pages[:standard_pages])
+            stop.set()
+            return (time.perf_counter() - t0) * 1000
+
+        task = asyncio.create_task(oneshot())
+        beside = await bsbr_pages(1 << 30, stop)
+        return {"alone_ms": statistics.median(alone[5:]), "beside_ms": statistics.median(beside),
+                "beside_max_ms": max(beside), "beside_pages": len(beside), "standard_oneshot_ms": await task}
+
+    return asyncio.run(go())
+
+
+def child(variant: str, models: Path, pages_n: int, threads: int, fused_pages: int) -> dict:
+    if variant.startswith("fused"):
+        out = measure_fused(models, threads, shared=variant == "fused_shared_thread", standard_pages=fused_pages)
+    elif variant.startswith("engine"):
         out = measure_engine(models, pages_n, threads, second_team=variant == "engine_two_teams")
     else:
         out = measure_steps(models, pages_n, threads, second_team=variant == "two_teams")
@@ -148,12 +207,13 @@ def main() -> int:
     p.add_argument("--pages", type=int, default=60)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fused-pages", type=int, default=48, help="pages of the standard model's one-shot (fused_*)")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "omp_teams.json"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        print(json.dumps(child(a.child, Path(a.models_dir), a.pages, a.threads)))
+        print(json.dumps(child(a.child, Path(a.models_dir), a.pages, a.threads, a.fused_pages)))
         return 0
     variants = [v for v in a.variants.split(",") if v]
     unknown = set(variants) - set(VARIANTS)
@@ -161,7 +221,8 @@ def main() -> int:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-           "settings": {"pages": a.pages, "page_tokens": 512, "torch_threads": a.threads, "rounds": a.rounds},
+           "settings": {"pages": a.pages, "page_tokens": 512, "torch_threads": a.threads, "rounds": a.rounds,
+                        "fused_pages": a.fused_pages},
            "loadavg": {"before": list(os.getloadavg())}, "variants": {}}
     rounds: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(a.rounds):
@@ -170,18 +231,19 @@ def main() -> int:
             if v == "passive":
                 env["OMP_WAIT_POLICY"] = "PASSIVE"
             r = subprocess.run([sys.executable, __file__, "--child", v, "--models-dir", a.models_dir,
-                                "--pages", str(a.pages), "--threads", str(a.threads)],
+                                "--pages", str(a.pages), "--threads", str(a.threads),
+                                "--fused-pages", str(a.fused_pages)],
                                capture_output=True, text=True, cwd=str(ROOT), env=env, check=False)
             if r.returncode != 0:
                 raise SystemExit(f"{v} failed:\n{r.stderr[-3000:]}")
             rounds[v].append(json.loads(r.stdout.strip().splitlines()[-1]))
-            print(f"{v:>17}: " + ", ".join(f"{k} {x:.2f}" for k, x in rounds[v][-1].items() if k != "os_threads")
+            print(f"{v:>19}: " + ", ".join(f"{k} {x:.2f}" for k, x in rounds[v][-1].items() if k != "os_threads")
                   + " (ms, medians)", flush=True)
     for v in variants:
         keys = [k for k in rounds[v][0] if k != "os_threads"]
         out["variants"][v] = {"median_ms": {k: statistics.median(r[k] for r in rounds[v]) for k in keys},
                               "rounds": rounds[v]}
-    step = {v: out["variants"][v]["median_ms"]["model_step"] for v in variants}
+    step = {v: out["variants"][v]["median_ms"]["model_step"] for v in variants if not v.startswith("fused")}
     ratios = {}
     for v, ref in (("two_teams", "one_team"), ("passive", "one_team"), ("engine_two_teams", "engine")):
         if v in step and ref in step:

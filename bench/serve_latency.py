@@ -237,16 +237,19 @@ class Bench:
     def inprocess_oneshot(self, root: Path, model: str, pages: list[str], repeats: int = 3) -> dict:
         """The document read by the model in this process, one-shot: `model(ids)` (best of
         `repeats`; `ms`, the reference), and in steps of 4096 tokens (`steps_4096_ms`,
-        what the engine's one-shot runs). On serve.engine's torch thread, where the
-        in-process engine runs too: a second thread opening parallel regions would give
-        this process a second OpenMP team and slow both references (docs/architecture.md 3.9)."""
+        what the engine's one-shot runs). On a thread of its own that ends before the
+        in-process engine starts: a thread's OpenMP team lives as long as the thread, and
+        a second team in this process would slow the engine reference (docs/architecture.md 3.9)."""
+        from concurrent.futures import ThreadPoolExecutor
+
         import torch
 
         from bsbr_core import load_model
-        from serve.engine import torch_thread
+
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reference")
 
         def on_torch_thread(fn):
-            return torch_thread().submit(fn).result()
+            return thread.submit(fn).result()
 
         torch.set_num_threads(os.cpu_count() or 2)
         m, tok = on_torch_thread(lambda: load_model(root / model))
@@ -270,7 +273,10 @@ class Bench:
                 m(ids[:, :512])  # warm-up
                 return best(lambda: m(ids)), best(stepped)
 
-        (ms, all_ms), (steps_ms, _) = on_torch_thread(measure)
+        try:
+            (ms, all_ms), (steps_ms, _) = on_torch_thread(measure)
+        finally:
+            thread.shutdown(wait=True)
         return {"pages": len(pages), "tokens": int(ids.shape[1]), "ms": ms, "all_ms": all_ms, "steps_4096_ms": steps_ms}
 
     def http_throughput(self, url: str, model: str, docs: list[list[str]], concurrency: int) -> dict:
@@ -341,7 +347,10 @@ class Bench:
                 out.append(time.perf_counter() - t0)
             return out
 
-        all_secs = asyncio.run(go())
+        try:
+            all_secs = asyncio.run(go())
+        finally:
+            eng.shutdown()  # its OpenMP team with it: the next engine here must be the only one
         secs, n = min(all_secs), sum(len(d) for d in docs)
         return {"concurrency": concurrency, "pages": n, "seconds": secs, "all_seconds": all_secs, "pages_per_s": n / secs,
                 "batches": eng.batcher.batches, "batched_steps": eng.batcher.batched_steps}

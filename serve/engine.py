@@ -33,23 +33,25 @@ and is committed to the `SessionStore` with a compare-and-set on `seq`
 before the answer is returned, so a page is never lost once answered and
 never applied twice.
 
-Threads: all of a process's torch work (loading a model, every step, every
-checkpoint and every restore of a state) runs on one thread, `torch_thread()`,
-shared by the engines of a process (a fused replica holds several). libgomp,
-the OpenMP of torch's CPU builds, gives each thread that opens a parallel
-region a team of worker threads of its own, and once a process holds more
-OpenMP threads than cores it cuts their spin-wait to about a hundred spins,
-so each of a step's parallel regions then pays futex wake-ups. One other
-thread that had run a single parallel copy (a checkpoint, the model's load)
-was enough: the shipped bsbr model's 512-token step took 10-13 ms in the
-engine instead of 6-7 ms (bench/omp_teams.py, docs/architecture.md 3.9).
+Threads: all of an engine's torch work (loading its model, every step,
+every checkpoint and every restore of a state) runs on the engine's one
+torch thread, so a process that holds one engine (a split model replica)
+holds one OpenMP team. libgomp, the OpenMP of torch's CPU builds, gives
+each thread that opens a parallel region a team of worker threads of its
+own, and once a process holds more OpenMP threads than cores it cuts their
+spin-wait to about a hundred spins, so each of a step's parallel regions
+then pays futex wake-ups. One other thread that had run a single parallel
+copy (a checkpoint, the model's load) was enough: the shipped bsbr model's
+512-token step took 10-13 ms in the engine instead of 6-7 ms
+(bench/omp_teams.py, docs/architecture.md 3.9). A fused replica holds
+several engines, hence several teams: each model's steps are slower, but a
+long step of one model never holds up another model's pages.
 """
 from __future__ import annotations
 
 import asyncio
 import bisect
 import logging
-import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -79,18 +81,9 @@ from serve.store import SessionStore, new_session_id
 logger = logging.getLogger("ray.serve")
 
 
-_torch_thread: ThreadPoolExecutor | None = None
-_torch_thread_lock = threading.Lock()
-
-
-def torch_thread() -> ThreadPoolExecutor:
-    """The one thread of this process that runs torch work (module docstring:
-    one OpenMP team per process). Created on first use, shared by every engine."""
-    global _torch_thread
-    with _torch_thread_lock:
-        if _torch_thread is None:
-            _torch_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="torch")
-        return _torch_thread
+def torch_thread(name: str) -> ThreadPoolExecutor:
+    """A thread for one engine's torch work (module docstring: one OpenMP team per engine)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{name}")
 
 
 @dataclass
@@ -112,7 +105,7 @@ class _StepJob:
 class StepBatcher:
     """Runs the page steps of concurrent requests on one model, batched.
 
-    The process's torch thread runs the model (torch ops release the GIL, so the
+    The engine's torch thread runs the model (torch ops release the GIL, so the
     event loop keeps accepting requests while a batch runs and the next
     batch fills up meanwhile). A failing batch of several documents is
     retried step by step so one bad document fails alone (a fallback:
@@ -121,14 +114,14 @@ class StepBatcher:
     """
 
     def __init__(self, model, max_batch_size: int = 16, batch_wait_s: float = 0.002, peak: PeakMemory | None = None,
-                 metrics: EngineMetrics | None = None, name: str = ""):
+                 metrics: EngineMetrics | None = None, name: str = "", executor: ThreadPoolExecutor | None = None):
         self.model = model
         self.name = name
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
         self.peak = peak or PeakMemory(model.device)
         self.metrics = metrics or EngineMetrics()
-        self.executor = torch_thread()
+        self.executor = executor or torch_thread(name)
         self.active_requests = 0  # documents being read right now (set by Engine)
         self.batches = 0
         self.batched_steps = 0
@@ -286,7 +279,9 @@ class Engine:
         sessions: SessionConfig,
         store: SessionStore,
         metrics: EngineMetrics | None = None,
+        torch: ThreadPoolExecutor | None = None,
     ):
+        """`torch`: the thread the model was loaded on (load_engine), for all its torch work."""
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -305,7 +300,7 @@ class Engine:
         if vocab > self.cfg.vocab_size:
             raise ValueError(f"{name}: tokenizer has {vocab} ids but the model only {self.cfg.vocab_size}")
         self.batcher = StepBatcher(model, spec.max_batch_size, spec.batch_wait_ms / 1000.0,
-                                   metrics=self.metrics, name=name)
+                                   metrics=self.metrics, name=name, executor=torch)
         self.torch = self.batcher.executor  # checkpoints and restores: torch ops, so on the torch thread
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-io")  # malloc_trim
         self.hot: OrderedDict[str, HotSession] = OrderedDict()
@@ -572,6 +567,13 @@ class Engine:
         self.trims += int(done)
         return done
 
+    def shutdown(self) -> None:
+        """End the engine's threads once what they run is done (its torch thread's
+        OpenMP team goes with it; a team left behind would slow the next engine's
+        steps in this process, module docstring)."""
+        self.batcher.executor.shutdown(wait=True)
+        self.io.shutdown(wait=True)
+
     def sweep(self) -> int:
         """Forget hot states idle longer than the TTL (the store expires them too)."""
         now = time.monotonic()
@@ -617,14 +619,18 @@ def load_engine(
     from bsbr_core.backends import UnknownBackend, load_backend
     from bsbr_core.tokenizer import load_tokenizer
 
+    thread = torch_thread(name)
     try:
-        # On the torch thread: loading copies weights in parallel regions, whose OpenMP
-        # team would otherwise stay with the calling thread (module docstring).
-        model = torch_thread().submit(
-            load_backend, spec.backend, spec.path, device=spec.device, threads=spec.torch_threads).result()
-    except UnknownBackend as e:
-        raise BackendUnsupported(f"model {name!r}: {e}") from None
-    except ImportError as e:
-        raise BackendUnsupported(f"model {name!r}: backend {spec.backend} is not available here: {e}") from None
+        # On the engine's torch thread: loading copies weights in parallel regions, whose
+        # OpenMP team would otherwise stay with the calling thread (module docstring).
+        model = thread.submit(load_backend, spec.backend, spec.path, device=spec.device,
+                              threads=spec.torch_threads).result()
+    except BaseException as e:
+        thread.shutdown(wait=False)
+        if isinstance(e, UnknownBackend):
+            raise BackendUnsupported(f"model {name!r}: {e}") from None
+        if isinstance(e, ImportError):
+            raise BackendUnsupported(f"model {name!r}: backend {spec.backend} is not available here: {e}") from None
+        raise
     tokenizer = load_tokenizer(Path(spec.path) / "tokenizer.json")
-    return Engine(name, model, tokenizer, spec, sessions, store, metrics)
+    return Engine(name, model, tokenizer, spec, sessions, store, metrics, torch=thread)

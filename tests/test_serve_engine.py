@@ -315,30 +315,31 @@ def test_a_new_sessions_first_page_needs_no_store_read_and_gives_the_same_answer
     assert a["logits"] == b["logits"] and a["num_tokens"] == b["num_tokens"] and a["num_pages"] == b["num_pages"] == 1
 
 
-def test_all_torch_work_runs_on_the_one_torch_thread(dev_models, monkeypatch):
-    """Loading, steps, checkpoints and restores of every engine of a process run
-    on the same thread: libgomp gives each thread that opens a parallel region
-    an OpenMP team, and a second team throttles the first one's spin-wait
-    (serve.engine module docstring; bench/omp_teams.py measures it)."""
+def test_all_torch_work_of_an_engine_runs_on_its_one_torch_thread(dev_models, monkeypatch):
+    """Loading, steps, checkpoints and restores of an engine run on one thread of
+    its own: libgomp gives each thread that opens a parallel region an OpenMP
+    team, and a second team throttles the first one's spin-wait (serve.engine
+    module docstring; bench/omp_teams.py measures it). Two engines (a fused
+    replica) have a thread each, so one model's long step never holds up the other."""
     import threading
 
     import bsbr_core.backends
     from bsbr_core import State
 
     threads: dict[str, set[str]] = {}
+    ran_on: dict[str, threading.Thread] = {}
 
     def on_thread(what, fn):
         def wrapper(*a, **k):
-            threads.setdefault(what, set()).add(threading.current_thread().name)
+            me = threading.current_thread()
+            threads.setdefault(what, set()).add(me.name.rsplit("_", 1)[0])
+            ran_on[me.name.rsplit("_", 1)[0]] = me
             return fn(*a, **k)
         return wrapper
 
     monkeypatch.setattr(bsbr_core.backends, "load_backend", on_thread("load", bsbr_core.backends.load_backend))
     monkeypatch.setattr(State, "to_bytes", on_thread("checkpoint", State.to_bytes))
     monkeypatch.setattr(State, "from_bytes", classmethod(on_thread("restore", State.from_bytes.__func__)))
-    engines = [make_engine(dev_models, name) for name in ("bsbr", "standard")]
-    for eng in engines:
-        eng.model.step_many = on_thread("step", eng.model.step_many)
     pages = document(3, seed=5)
 
     async def go(eng):
@@ -348,12 +349,19 @@ def test_all_torch_work_runs_on_the_one_torch_thread(dev_models, monkeypatch):
         await eng.append(sid, 1, pages=pages[2:])
         await eng.classify(pages=pages)
 
-    for eng in engines:
+    engines = []
+    for name in ("bsbr", "standard"):  # both alive at once, as in a fused replica
+        threads.clear()
+        eng = make_engine(dev_models, name)
+        eng.model.step_many = on_thread("step", eng.model.step_many)
+        engines.append(eng)
         run(go(eng))
-    assert set(threads) == {"load", "step", "checkpoint", "restore"}, threads
-    names = set().union(*threads.values())
-    assert len(names) == 1 and names.pop().startswith("torch"), threads
-    assert engines[0].batcher.executor is engines[1].batcher.executor
+        assert set(threads) == {"load", "step", "checkpoint", "restore"}, threads
+        assert set().union(*threads.values()) == {f"torch-{eng.name}"}, threads
+    assert engines[0].batcher.executor is not engines[1].batcher.executor
+    for eng in engines:  # shutdown ends the thread, and its OpenMP team with it
+        eng.shutdown()
+        assert not ran_on[f"torch-{eng.name}"].is_alive()
 
 
 def test_dropped_states_trim_the_heap_at_most_once_per_interval(dev_models, monkeypatch):
