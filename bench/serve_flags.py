@@ -7,7 +7,9 @@ turn, `--pairs` times, interleaved (A, B, A, B, ...), and the comparison is
 made pair by pair.
 
 Each run starts `bsbr-serve up --models-dir models --topology T --ingress I`
-(every shipped model, 1 torch thread per replica: what `make up` serves) with
+(every shipped model, 1 torch thread per replica: what `make up` serves;
+with `--torch-threads N`, only the shipped bsbr model, on N torch threads,
+from a --config the bench writes) with
 the variant's variables added to the environment, waits until it is ready,
 then measures over HTTP on 127.0.0.1:
 
@@ -22,7 +24,14 @@ Variants (`--variants`, default `without,with`):
 - `with`: serve.cli.RAY_ENV_DEFAULTS as `bsbr-serve up` sets them
   (bench/results/serve_flags.json was run while they still had the mode's
   gRPC transport on; bench/results/serve_flags_no_grpc.json with it off,
-  RAY_SERVE_USE_GRPC_BY_DEFAULT=0, as now).
+  RAY_SERVE_USE_GRPC_BY_DEFAULT=0, as now);
+- `spin10k`: `with` and GOMP_SPINCOUNT=10000 (libgomp's spin-wait cut from
+  300000 spins; bench/results/serve_flags_spincount.json);
+- `tree:DIR`: `with`'s settings, but the server runs the bsbr-serve code of
+  the checkout DIR (e.g. `git worktree add /tmp/before fea107c`): a code A/B,
+  as `--variants tree:/tmp/before,with` (bench/results/serve_flags_torch_thread.json
+  compares fea107c, before each engine's torch work moved to one thread,
+  docs/architecture.md 3.9, with the code after it).
 
     python bench/serve_flags.py              # writes bench/results/serve_flags.json
 
@@ -50,12 +59,15 @@ from serve_latency import bsbr_serve_up, make_text, page_texts
 VARIANTS = {
     "without": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
     "with": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    # `with` and libgomp's spin-wait cut from its default of 300000 spins (each a `pause`,
+    # several ms of a core after a step's last parallel region) to 10000.
+    "spin10k": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "GOMP_SPINCOUNT": "10000"},
 }
 
 
 def one_run(topology: str, ingress: str, env_extra: dict[str, str], pages: list[str], n_seq: int,
-            n_conc: int) -> dict:
-    with bsbr_serve_up(ROOT / "models", topology, ingress, env_extra) as (url, _):
+            n_conc: int, code_dir: str | None = None, config: Path | None = None) -> dict:
+    with bsbr_serve_up(ROOT / "models", topology, ingress, env_extra, code_dir=code_dir, config=config) as (url, _):
         time.sleep(5)  # Serve adds the replica to HAProxy shortly after ready (docs/architecture.md 3.8)
 
         def session(n: int, offset: int) -> tuple[list[float], list[float]]:
@@ -105,8 +117,17 @@ def main() -> int:
     p.add_argument("--pairs", type=int, default=2)
     p.add_argument("--pages", type=int, default=150)
     p.add_argument("--conc-pages", type=int, default=24)
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="serve only bsbr, on this many torch threads (default: every model, as make up)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_flags.json"))
     a = p.parse_args()
+    config = None
+    if a.torch_threads:
+        import tempfile
+
+        config = Path(tempfile.mkdtemp(prefix="serve_flags_")) / "config.json"  # JSON is YAML
+        config.write_text(json.dumps({"models": [{"name": "bsbr", "path": str(ROOT / "models" / "bsbr"),
+                                                  "torch_threads": a.torch_threads}]}))
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(ROOT / "models" / "bsbr" / "tokenizer.json"))
@@ -114,19 +135,36 @@ def main() -> int:
     variants = [v for v in a.variants.split(",") if v]
     from serve_latency import git_revision
 
+    def settings(v: str) -> tuple[dict[str, str], str | None]:
+        """(environment added, code checkout) of a variant."""
+        if v.startswith("tree:"):
+            return VARIANTS["with"], v[len("tree:"):]
+        return VARIANTS[v], None
+
+    def tree_code(v: str) -> str | None:
+        d = settings(v)[1]
+        if d is None:
+            return None
+        import subprocess
+
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=d, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "code": git_revision(),
            "loadavg": {"before": list(os.getloadavg())}, "cpus": os.cpu_count(),
-           "variants": {v: VARIANTS[v] for v in variants}, "pages": a.pages, "conc_pages": a.conc_pages,
+           "variants": {v: {"env": settings(v)[0], "code": tree_code(v) or git_revision()} for v in variants},
+           "pages": a.pages, "conc_pages": a.conc_pages, "torch_threads": a.torch_threads,
            "runs": []}
     for path in [x for x in a.paths.split(",") if x]:
         topology, ingress = path.split(":")
         for pair in range(a.pairs):
             for v in variants:
-                r = one_run(topology, ingress, VARIANTS[v], pages, a.pages, a.conc_pages)
+                env_extra, code_dir = settings(v)
+                r = one_run(topology, ingress, env_extra, pages, a.pages, a.conc_pages, code_dir, config)
                 r.update({"topology": topology, "ingress": ingress, "variant": v,
                           "loadavg_after": list(os.getloadavg())})
                 out["runs"].append(r)
-                print(f"{topology:>5} {ingress:<7} {v:<8} request {r['request_ms']:5.1f} ms  step "
+                print(f"{topology:>5} {ingress:<7} {v[-12:]:<12} request {r['request_ms']:5.1f} ms  step "
                       f"{r['step_ms']:5.1f} ms  request/step {r['request_over_step']:.2f}  "
                       f"8 sessions {r['pages_per_s_8_sessions']:5.1f} pages/s", flush=True)
     out["loadavg"]["after"] = list(os.getloadavg())

@@ -96,18 +96,26 @@ def wait_ready(url: str, proc, timeout_s: float, what: str) -> None:
 
 @contextlib.contextmanager
 def bsbr_serve_up(models_dir: str | Path, topology: str | None = None, ingress: str = "serve",
-                  env: dict[str, str] | None = None, ready_s: float = 600):
+                  env: dict[str, str] | None = None, ready_s: float = 600, code_dir: str | Path | None = None,
+                  config: str | Path | None = None):
     """`bsbr-serve up` serving every model of models_dir on a free port of
     127.0.0.1, as `make up` does; yields (url, its process) once /readyz
-    answers 200, and stops it with Ctrl-C (SIGINT) after."""
+    answers 200, and stops it with Ctrl-C (SIGINT) after. `code_dir`: serve the
+    bsbr-serve code of that checkout (a git worktree of another commit) instead of
+    this one's: it is the server's working directory and first on its PYTHONPATH,
+    which its Ray workers inherit. `config`: serve that --config file instead of models_dir."""
     import signal
     import subprocess
 
     port = free_port()
     argv = [sys.executable, "-m", "serve.cli", "up", "--host", "127.0.0.1", "--port", str(port),
-            "--models-dir", str(models_dir), "--metrics-port", str(free_port()), "--ingress", ingress]
-    up = subprocess.Popen(argv + (["--topology", topology] if topology else []), cwd=str(ROOT),
-                          env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            *(["--config", str(config)] if config else ["--models-dir", str(models_dir)]),
+            "--metrics-port", str(free_port()), "--ingress", ingress]
+    env = {**os.environ, **(env or {})}
+    if code_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (str(code_dir), env.get("PYTHONPATH", "")) if x)
+    up = subprocess.Popen(argv + (["--topology", topology] if topology else []), cwd=str(code_dir or ROOT),
+                          env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, up, ready_s, f"bsbr-serve up ({topology or 'its'} topology, {ingress} ingress)")
