@@ -262,6 +262,9 @@ def prediction(labels: list[str], logits: torch.Tensor | None) -> dict[str, Any]
     }
 
 
+# Engine._tokenized: documents of more characters than this are tokenised off the event loop.
+TOKENIZE_INLINE_CHARS = 16384
+
 # Engine.release_memory: trim the heap once this much hot state was dropped, at most this often.
 TRIM_MIN_BYTES = 64 << 20
 TRIM_INTERVAL_S = 10.0
@@ -303,6 +306,8 @@ class Engine:
                                    metrics=self.metrics, name=name, executor=torch)
         self.torch = self.batcher.executor  # checkpoints and restores: torch ops, so on the torch thread
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-io")  # malloc_trim
+        self.text = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{name}")  # _tokenized
+        self.tokenize_inline_chars = TOKENIZE_INLINE_CHARS
         self.hot: OrderedDict[str, HotSession] = OrderedDict()
         self.hot_bytes = 0
         self._locks: dict[str, asyncio.Lock] = {}
@@ -332,6 +337,16 @@ class Engine:
 
     def tokenize(self, text: str | None, pages: Sequence[str] | None) -> list[list[int]]:
         return tokenize_document(self.tokenizer, text, pages, self.page_tokens)
+
+    async def _tokenized(self, text: str | None, pages: Sequence[str] | None) -> list[list[int]]:
+        """`tokenize`, in a thread for a document of over `tokenize_inline_chars`
+        characters: tokenizers' encode_batch lets go of the GIL, so the event loop
+        serves the replica's other requests meanwhile (a 100-page document takes
+        tens of ms). A page or a few stay on the loop, where no thread hop is paid."""
+        size = len(text) if text is not None else sum(len(p) for p in pages or ())
+        if size <= self.tokenize_inline_chars:
+            return self.tokenize(text, pages)
+        return await asyncio.get_running_loop().run_in_executor(self.text, self.tokenize, text, pages)
 
     def _check_length(self, have: int, pages: list[list[int]]) -> None:
         total = have + sum(len(p) for p in pages)
@@ -401,7 +416,7 @@ class Engine:
 
     async def classify(self, text: str | None = None, pages: Sequence[str] | None = None) -> dict[str, Any]:
         t0 = time.perf_counter()
-        token_pages = self.tokenize(text, pages)
+        token_pages = await self._tokenized(text, pages)
         self._check_length(0, token_pages)
         if any(token_pages):
             logits, state, page_ms, peak = await self._read_segments(token_pages)
@@ -475,7 +490,7 @@ class Engine:
     ) -> dict[str, Any]:
         """Apply the pages of request `seq` to a session and return its running result."""
         t0 = time.perf_counter()
-        token_pages = self.tokenize(text, pages)
+        token_pages = await self._tokenized(text, pages)
         async with self._lock(session_id):
             hot = self.hot.get(session_id)
             source: str | None = "hot"
@@ -573,6 +588,7 @@ class Engine:
         steps in this process, module docstring)."""
         self.batcher.executor.shutdown(wait=True)
         self.io.shutdown(wait=True)
+        self.text.shutdown(wait=True)
 
     def sweep(self) -> int:
         """Forget hot states idle longer than the TTL (the store expires them too)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from bsbr_core.tokenizer import encode
 from serve.errors import EmptyDocument, InvalidEncoding
 
 FORM_FEED = "\f"
@@ -46,7 +47,9 @@ def tokenize_document(
             raise EmptyDocument("the document is empty (or only whitespace)")
         cut = text_pages(text)
         if cut is None:
-            ids = tokenizer.encode(text, add_special_tokens=False).ids
+            # In pieces through encode_batch (the same ids as one encode): it runs on every
+            # core and lets go of the GIL, where one encode() of a long text holds it.
+            ids = encode(tokenizer, text)
             return [ids[i : i + page_tokens] for i in range(0, len(ids), page_tokens)]
         pages = cut
     assert pages is not None

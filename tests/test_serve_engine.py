@@ -364,6 +364,55 @@ def test_all_torch_work_of_an_engine_runs_on_its_one_torch_thread(dev_models, mo
         assert not ran_on[f"torch-{eng.name}"].is_alive()
 
 
+def test_a_long_text_is_tokenised_in_pieces_to_the_ids_of_one_encode(dev_models):
+    """Text without form feeds goes through bsbr_core's piecewise encode (encode_batch,
+    which lets go of the GIL), and its pages hold exactly the ids of one encode()."""
+    from bsbr_core.tokenizer import PIECE_CHARS, load_tokenizer
+
+    tok = load_tokenizer(dev_models / "bsbr" / "tokenizer.json")
+    text = "\n".join(document(400, words_per_page=12, seed=21))
+    assert len(text) > 3 * PIECE_CHARS  # several pieces
+    pages = tokenize_document(tok, text, None, 64)
+    assert [i for p in pages for i in p] == tok.encode(text, add_special_tokens=False).ids
+    assert all(len(p) == 64 for p in pages[:-1])
+
+
+def test_long_documents_are_tokenised_off_the_event_loop_with_the_same_answer(dev_models):
+    """Over tokenize_inline_chars a document is tokenised in the engine's tokenize
+    thread, so the event loop serves other requests meanwhile; a short one stays on
+    the loop. Either way the answer is the same."""
+    import threading
+
+    eng = make_engine(dev_models)
+    seen = []
+    real = eng.tokenize
+
+    def recorded(text, pages):
+        seen.append(threading.current_thread().name)
+        return real(text, pages)
+
+    eng.tokenize = recorded
+    doc = document(12, seed=22)
+    size = sum(len(p) for p in doc)  # of the pages; the text has 11 form feeds more
+
+    async def go():
+        eng.tokenize_inline_chars = size + 11  # at the limit: inline
+        inline = await eng.classify(pages=doc)
+        text_inline = await eng.classify(text="\f".join(doc))
+        eng.tokenize_inline_chars = size - 1  # one character over: off the loop
+        off = await eng.classify(pages=doc)
+        sid = (await eng.create_session())["session_id"]
+        page = await eng.append(sid, 0, pages=doc)
+        return inline, text_inline, off, page, threading.current_thread().name
+
+    inline, text_inline, off, page, loop_thread = run(go())
+    assert seen[:2] == [loop_thread, loop_thread]
+    assert seen[2:] == ["tokenize-bsbr_0", "tokenize-bsbr_0"]
+    assert inline["logits"] == text_inline["logits"] == off["logits"]
+    assert inline["num_tokens"] == off["num_tokens"] == page["num_tokens"] and page["num_pages"] == 12
+    eng.shutdown()
+
+
 def test_dropped_states_trim_the_heap_at_most_once_per_interval(dev_models, monkeypatch):
     """Closed and replaced states count towards a malloc_trim, which runs once
     enough was dropped, and not again within the interval."""
