@@ -282,9 +282,10 @@ class Engine:
         sessions: SessionConfig,
         store: SessionStore,
         metrics: EngineMetrics | None = None,
-        torch: ThreadPoolExecutor | None = None,
+        torch_executor: ThreadPoolExecutor | None = None,
     ):
-        """`torch`: the thread the model was loaded on (load_engine), for all its torch work."""
+        """`torch_executor`: the thread the model was loaded on (load_engine), for all its torch work
+        (steps, checkpoints, restores: module docstring); without one, the batcher makes its own."""
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -303,8 +304,7 @@ class Engine:
         if vocab > self.cfg.vocab_size:
             raise ValueError(f"{name}: tokenizer has {vocab} ids but the model only {self.cfg.vocab_size}")
         self.batcher = StepBatcher(model, spec.max_batch_size, spec.batch_wait_ms / 1000.0,
-                                   metrics=self.metrics, name=name, executor=torch)
-        self.torch = self.batcher.executor  # checkpoints and restores: torch ops, so on the torch thread
+                                   metrics=self.metrics, name=name, executor=torch_executor)
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-io")  # malloc_trim
         self.text = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{name}")  # _tokenized
         self.tokenize_inline_chars = TOKENIZE_INLINE_CHARS
@@ -477,7 +477,7 @@ class Engine:
         from bsbr_core import StateError
 
         try:
-            state = await asyncio.get_running_loop().run_in_executor(self.torch, _replay_chain, chain)
+            state = await asyncio.get_running_loop().run_in_executor(self.batcher.executor, _replay_chain, chain)
             self.model.check_state(state)
         except StateError as e:
             raise SessionIncompatible(f"session {sid} cannot be resumed by this model: {e}") from None
@@ -503,7 +503,7 @@ class Engine:
             self._check_length(state.num_tokens, token_pages)
             logits, new_state, page_ms, _ = await self._read(state, token_pages, mode, num_pages + 1)
             blob, delta = await asyncio.get_running_loop().run_in_executor(
-                self.torch, _checkpoint, new_state, state, chain_bytes)
+                self.batcher.executor, _checkpoint, new_state, state, chain_bytes)
             nbytes = new_state.nbytes
             result = {
                 "session_id": session_id, "model": self.name, "seq": seq,
@@ -649,4 +649,4 @@ def load_engine(
             raise BackendUnsupported(f"model {name!r}: backend {spec.backend} is not available here: {e}") from None
         raise
     tokenizer = load_tokenizer(Path(spec.path) / "tokenizer.json")
-    return Engine(name, model, tokenizer, spec, sessions, store, metrics, torch=thread)
+    return Engine(name, model, tokenizer, spec, sessions, store, metrics, torch_executor=thread)
