@@ -18,6 +18,9 @@ then measures over HTTP on 127.0.0.1:
   the median of their per-page ratio (pages 6 on; the first 5 warm up);
 - 8 sessions of `--conc-pages` (24) pages at once: pages/s.
 
+Requests go out with `--client lean` (serve_latency.LeanClient, the default)
+or `--client httpx` (what the JSONs of before the option used).
+
 Variants (`--variants`, default `without,with`):
 - `without`: serve.cli.RAY_ENV_DEFAULTS minus Ray Serve's throughput mode
   (RAY_SERVE_THROUGHPUT_OPTIMIZED=0);
@@ -48,13 +51,11 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_latency import bsbr_serve_up, make_text, page_texts
+from serve_latency import bsbr_serve_up, http_client, make_text, page_texts
 
 VARIANTS = {
     "without": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
@@ -66,12 +67,12 @@ VARIANTS = {
 
 
 def one_run(topology: str, ingress: str, env_extra: dict[str, str], pages: list[str], n_seq: int,
-            n_conc: int, code_dir: str | None = None, config: Path | None = None) -> dict:
+            n_conc: int, code_dir: str | None = None, config: Path | None = None, client: str = "lean") -> dict:
     with bsbr_serve_up(ROOT / "models", topology, ingress, env_extra, code_dir=code_dir, config=config) as (url, _):
         time.sleep(5)  # Serve adds the replica to HAProxy shortly after ready (docs/architecture.md 3.8)
 
         def session(n: int, offset: int) -> tuple[list[float], list[float]]:
-            with httpx.Client(base_url=url, timeout=600) as c:
+            with http_client(client, url, timeout=600) as c:
                 sid = c.post("/v1/sessions", json={"model": "bsbr"}).json()["session_id"]
                 reqs, steps = [], []
                 for i in range(n):
@@ -119,6 +120,8 @@ def main() -> int:
     p.add_argument("--conc-pages", type=int, default=24)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="serve only bsbr, on this many torch threads (default: every model, as make up)")
+    p.add_argument("--client", choices=("lean", "httpx"), default="lean",
+                   help="the HTTP client (serve_latency.LeanClient, or httpx: what the JSONs of before the option used)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_flags.json"))
     a = p.parse_args()
     config = None
@@ -153,14 +156,14 @@ def main() -> int:
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]), "code": git_revision(),
            "loadavg": {"before": list(os.getloadavg())}, "cpus": os.cpu_count(),
            "variants": {v: {"env": settings(v)[0], "code": tree_code(v) or git_revision()} for v in variants},
-           "pages": a.pages, "conc_pages": a.conc_pages, "torch_threads": a.torch_threads,
+           "pages": a.pages, "conc_pages": a.conc_pages, "torch_threads": a.torch_threads, "client": a.client,
            "runs": []}
     for path in [x for x in a.paths.split(",") if x]:
         topology, ingress = path.split(":")
         for pair in range(a.pairs):
             for v in variants:
                 env_extra, code_dir = settings(v)
-                r = one_run(topology, ingress, env_extra, pages, a.pages, a.conc_pages, code_dir, config)
+                r = one_run(topology, ingress, env_extra, pages, a.pages, a.conc_pages, code_dir, config, a.client)
                 r.update({"topology": topology, "ingress": ingress, "variant": v,
                           "loadavg_after": list(os.getloadavg())})
                 out["runs"].append(r)

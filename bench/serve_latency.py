@@ -20,7 +20,16 @@ For each one it measures over real HTTP on 127.0.0.1:
 4. HTTP end-to-end throughput of (3, 8 concurrent) as a fraction of the
    engine's in-process throughput on the same documents (same engine code,
    an in-memory store, no Ray, no HTTP, best of 3 runs too):
-   `http_over_engine` (target >= 0.8).
+   `http_over_engine` (target >= 0.8). Each throughput run records how busy
+   the machine was (`cpu`: busy and stolen shares of the cores, CPU ms per
+   page of the machine and of this process, from /proc).
+
+The requests are sent with `--client lean` (default: LeanClient, on
+http.client) or `--client httpx`. The load generator runs on the same cores as
+the server; httpx's own work, about 2 ms of CPU per request here, is a tenth
+of a 2-core machine at 8 concurrent sessions, so the figures moved with the
+client (`client` in each throughput result; the JSONs of before the option
+were taken with httpx).
 
 Each topology is served behind each ingress of --ingresses (default
 `serve,haproxy`: Serve's Python HTTP proxy, and Serve's HAProxy ingress as
@@ -129,6 +138,117 @@ def bsbr_serve_up(models_dir: str | Path, topology: str | None = None, ingress: 
             up.wait(30)
 
 
+class LeanResponse:
+    """What the measurements read of an answer (the part of httpx.Response they use)."""
+
+    def __init__(self, status_code: int, content: bytes, method: str, path: str):
+        self.status_code, self.content, self._what = status_code, content, f"{method} {path}"
+
+    def json(self):
+        return json.loads(self.content)
+
+    def raise_for_status(self) -> LeanResponse:
+        if self.status_code >= 400:
+            raise RuntimeError(f"{self._what} answered {self.status_code}: {self.content[:300]!r}")
+        return self
+
+
+class LeanClient:
+    """A keep-alive HTTP/1.1 client on the standard library's http.client, with
+    the calls of httpx.Client that the measurements make (post(json=), delete,
+    a context manager). The load generator shares the machine's cores with the
+    server it measures; httpx costs about 2 ms of CPU per request here (at 8
+    concurrent sessions a tenth of a 2-core machine, taken from the server),
+    this client about a fifth of that. `--client httpx` measures with httpx.
+
+    A request sent over a kept-alive connection that the server had already
+    closed (its keep-alive timeout) is sent again once on a new connection;
+    every request the measurements repeat this way is idempotent or harmless
+    (a session page by its seq, a session created and never used)."""
+
+    def __init__(self, base_url: str, timeout: float = 600):
+        from urllib.parse import urlsplit
+
+        u = urlsplit(base_url)
+        if u.scheme != "http" or not u.hostname:
+            raise ValueError(f"LeanClient speaks plain http to a host: {base_url!r}")
+        self.host, self.port, self.timeout = u.hostname, u.port or 80, timeout
+        self._conn = None
+
+    def request(self, method: str, path: str, json_body=None) -> LeanResponse:
+        import http.client
+
+        body = None if json_body is None else json.dumps(json_body).encode()
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        for attempt in (0, 1):
+            reused = self._conn is not None
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                self._conn.request(method, path, body=body, headers=headers)
+                r = self._conn.getresponse()
+                content = r.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                self.close()
+                if reused and attempt == 0:
+                    continue  # the server had closed the idle connection: once more on a new one
+                raise
+            if r.will_close:
+                self.close()
+            return LeanResponse(r.status, content, method, path)
+        raise AssertionError("unreachable")
+
+    def post(self, path: str, json=None) -> LeanResponse:
+        return self.request("POST", path, json)
+
+    def get(self, path: str) -> LeanResponse:
+        return self.request("GET", path)
+
+    def delete(self, path: str) -> LeanResponse:
+        return self.request("DELETE", path)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> LeanClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def http_client(kind: str, base_url: str, timeout: float = 600):
+    """The measurements' HTTP client: `lean` (LeanClient) or `httpx`."""
+    if kind == "lean":
+        return LeanClient(base_url, timeout)
+    if kind == "httpx":
+        return httpx.Client(base_url=base_url, timeout=timeout)
+    raise ValueError(f"unknown client {kind!r}: lean or httpx")
+
+
+def machine_cpu() -> dict[str, int]:
+    """The machine's CPU time so far, in clock ticks of all cores together
+    (/proc/stat): busy (user, nice, system, irq, softirq), steal (time the
+    hypervisor gave another guest) and all (idle and iowait included)."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (f + [0] * 8)[:8]
+    return {"busy": user + nice + system + irq + softirq, "steal": steal,
+            "all": user + nice + system + idle + iowait + irq + softirq + steal}
+
+
+def cpu_use(before: dict[str, int], after: dict[str, int], pages: int, proc_cpu_s: float) -> dict:
+    """How busy the machine was between two machine_cpu() readings: busy and
+    stolen shares of all cores, and the CPU ms per page of the whole machine
+    and of this process (the load generator, or the in-process engine)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    d = {k: after[k] - before[k] for k in before}
+    return {"machine_busy_share": d["busy"] / max(d["all"], 1), "steal_share": d["steal"] / max(d["all"], 1),
+            "machine_cpu_ms_per_page": d["busy"] * 1000 / hz / pages,
+            "this_process_cpu_ms_per_page": proc_cpu_s * 1000 / pages}
+
+
 def git_revision() -> str | None:
     """The checkout's commit, with "+changes" when its tracked files differ from it."""
     import subprocess
@@ -209,7 +329,7 @@ class Bench:
 
     # --- measurements -------------------------------------------------------------------------
 
-    def oneshot(self, c: httpx.Client, model: str, pages: list[str], repeats: int = 3) -> dict:
+    def oneshot(self, c, model: str, pages: list[str], repeats: int = 3) -> dict:
         """The document in one classify request (best of `repeats`, as the in-process reference)."""
         n_pages, walls = len(pages), []
         for _ in range(repeats):
@@ -222,7 +342,7 @@ class Bench:
                 "server_ms": body["timing"]["total_ms"],
                 "peak_memory_bytes": body["peak_memory_bytes"], "state_bytes": body["state_bytes"]}
 
-    def stream(self, c: httpx.Client, model: str, pages: list[str]) -> dict:
+    def stream(self, c, model: str, pages: list[str]) -> dict:
         sid = c.post("/v1/sessions", json={"model": model}).json()["session_id"]
         page_ms, request_ms, state_bytes = [], [], []
         for i, p in enumerate(pages):
@@ -298,7 +418,7 @@ class Bench:
 
             def worker():
                 try:
-                    with httpx.Client(base_url=url, timeout=3600) as c:
+                    with http_client(self.args.client, url, timeout=3600) as c:
                         while True:
                             with lock:
                                 if not todo:
@@ -311,7 +431,7 @@ class Bench:
                 except BaseException as e:  # noqa: BLE001 - reported below, not lost with the thread
                     failures.append(e)
 
-            t0 = time.perf_counter()
+            cpu0, proc0, t0 = machine_cpu(), time.process_time(), time.perf_counter()
             threads = [threading.Thread(target=worker) for _ in range(concurrency)]
             for t in threads:
                 t.start()
@@ -319,11 +439,16 @@ class Bench:
                 t.join()
             if failures:
                 raise failures[0]
-            return time.perf_counter() - t0
+            secs = time.perf_counter() - t0
+            return secs, cpu_use(cpu0, machine_cpu(), n, time.process_time() - proc0)
 
-        all_secs = [once() for _ in range(self.args.repeats)]
-        secs, n = min(all_secs), sum(len(d) for d in docs)
-        return {"concurrency": concurrency, "pages": n, "seconds": secs, "all_seconds": all_secs, "pages_per_s": n / secs}
+        n = sum(len(d) for d in docs)
+        runs = [once() for _ in range(self.args.repeats)]
+        best = min(range(len(runs)), key=lambda i: runs[i][0])
+        secs = runs[best][0]
+        return {"concurrency": concurrency, "pages": n, "seconds": secs, "all_seconds": [r[0] for r in runs],
+                "pages_per_s": n / secs, "client": self.args.client,
+                "cpu": runs[best][1]}  # this process: the load generator (and the Ray driver, idle)
 
     def engine_throughput(self, root: Path, model: str, docs: list[list[str]], concurrency: int) -> dict:
         """The same sessions through the engine in this process (memory store, no HTTP, no Ray)."""
@@ -350,23 +475,27 @@ class Bench:
             await read(docs[0][:1])  # warm-up
             out = []
             for _ in range(self.args.repeats):
-                t0 = time.perf_counter()
+                cpu0, proc0, t0 = machine_cpu(), time.process_time(), time.perf_counter()
                 await asyncio.gather(*(read(d) for d in docs))
-                out.append(time.perf_counter() - t0)
+                secs = time.perf_counter() - t0
+                out.append((secs, cpu_use(cpu0, machine_cpu(), n, time.process_time() - proc0)))
             return out
 
+        n = sum(len(d) for d in docs)
         try:
-            all_secs = asyncio.run(go())
+            runs = asyncio.run(go())
         finally:
             eng.shutdown()  # its OpenMP team with it: the next engine here must be the only one
-        secs, n = min(all_secs), sum(len(d) for d in docs)
-        return {"concurrency": concurrency, "pages": n, "seconds": secs, "all_seconds": all_secs, "pages_per_s": n / secs,
-                "batches": eng.batcher.batches, "batched_steps": eng.batcher.batched_steps}
+        best = min(range(len(runs)), key=lambda i: runs[i][0])
+        secs = runs[best][0]
+        return {"concurrency": concurrency, "pages": n, "seconds": secs, "all_seconds": [r[0] for r in runs],
+                "pages_per_s": n / secs, "batches": eng.batcher.batches, "batched_steps": eng.batcher.batched_steps,
+                "cpu": runs[best][1]}
 
     def server(self, url: str, all_pages: list[str], docs: list[list[str]]) -> dict:
         """Every HTTP measurement against the application being served at url."""
         a, out = self.args, {}
-        with httpx.Client(base_url=url, timeout=7200) as c:
+        with http_client(a.client, url, timeout=7200) as c:
             for m in ("bsbr", "standard"):  # warm-up
                 c.post("/v1/classify", json={"model": m, "pages": ["warm up"]}).raise_for_status()
             for m in a.models:
@@ -385,7 +514,7 @@ class Bench:
             out.setdefault("http_over_engine", {})[m] = http8 / eng8
         return out
 
-    def streams(self, c: httpx.Client, model: str, pages: list[str]) -> dict:
+    def streams(self, c, model: str, pages: list[str]) -> dict:
         """`stream_repeats` documents streamed one after the other; at pages 1, 50 and
         200 the median over them of the step, the request and their ratio (one
         request is one sample of a noisy 2-core machine)."""
@@ -470,6 +599,9 @@ def summary(r: dict) -> str:
               f"page = {r['page_tokens']} tokens, {r['machine']['cpus']} CPUs")]
     la = r.get("loadavg", {})
     lines.append(f"load average (1, 5, 15 min) before {la.get('before')}, after {la.get('after')}")
+    clients = {t.get("client", "httpx") for srv in r.get("servers", {}).values()
+               for m in srv.get("throughput_http", {}).values() for t in m.values()}
+    lines.append(f"HTTP client: {', '.join(sorted(clients)) or '-'}")
     lines.append(f"{'':<24}{'1-shot 10p ms':>14}{'1-shot 100p ms':>15}{'in-proc ms':>11}{'1shot/inp':>10}"
                  f"{'p1 step':>8}{'p50 step':>9}{'p200 step':>10}"
                  f"{'p1 req':>7}{'p50 req':>8}{'p200 req':>9}{'req/step p1':>12}{'p200':>6}"
@@ -645,6 +777,8 @@ def main() -> int:
                         "each in a Ray of its own, every topology in it")
     p.add_argument("--stream-repeats", type=int, default=3, help="streamed documents per model (medians)")
     p.add_argument("--repeats", type=int, default=3, help="throughput runs (the best of them, engine and HTTP alike)")
+    p.add_argument("--client", choices=("lean", "httpx"), default="lean",
+                   help="the HTTP client the measurements send with (LeanClient: less of this machine's CPU)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_latency.json"))
     p.add_argument("--replot", action="store_true", help="only redraw the table and PNG from --out")
     a = p.parse_args()

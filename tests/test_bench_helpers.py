@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+import typing
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,75 @@ def test_page_profile_summarises_py_spy_stacks_per_page():
     assert out["thread_busy_ms_per_page"] == {"model_0": 500.0, "AsyncIO Thread: default": 200.0}
     assert out["functions_ms_per_page"] == {"Engine.append on the loop": 200.0, "tokenising": 150.0,
                                             "the model step (model thread)": 500.0}
+
+
+class _Echo(http.server.BaseHTTPRequestHandler):
+    """Answers POST with the JSON it got and the number of the connection it came on;
+    after the first answer of a connection it closes that connection without saying
+    so (as a server whose keep-alive timeout ran out does)."""
+
+    protocol_version = "HTTP/1.1"
+    connections: typing.ClassVar[list[int]] = []
+
+    def setup(self):
+        super().setup()
+        _Echo.connections.append(id(self))
+        self.answered = 0
+
+    def _answer(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.answered += 1
+        if self.answered == 2:
+            self.close_connection = True  # silently: no "Connection: close" was sent
+
+    def do_POST(self):
+        import json
+
+        got = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status = 422 if got.get("bad") else 201
+        self._answer(status, json.dumps({"got": got, "connection": len(_Echo.connections)}).encode())
+
+    def do_DELETE(self):
+        self._answer(200, b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+def test_lean_client_posts_json_keeps_the_connection_and_reconnects_once_when_the_server_closed_it():
+    from serve_latency import LeanClient, http_client
+
+    _Echo.connections = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with http_client("lean", url, timeout=30) as c:
+            assert isinstance(c, LeanClient)
+            r = c.post("/v1/sessions/x/pages", json={"seq": 0, "pages": ["é"]})
+            assert r.status_code == 201 and r.json() == {"got": {"seq": 0, "pages": ["é"]}, "connection": 1}
+            assert r.raise_for_status() is r
+            r = c.post("/p", json={"seq": 1})
+            assert r.json()["connection"] == 1  # the same connection, kept alive
+            # The server closed it after that answer, unannounced: sent again on a new one.
+            time.sleep(0.2)
+            r = c.post("/p", json={"seq": 2})
+            assert r.json() == {"got": {"seq": 2}, "connection": 2}
+            bad = c.post("/p", json={"bad": True})
+            assert bad.status_code == 422
+            with pytest.raises(RuntimeError, match="POST /p answered 422"):
+                bad.raise_for_status()
+            assert c.delete("/v1/sessions/x").status_code == 200
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Nothing listening: a fresh connection's failure is raised, not retried.
+    with LeanClient(f"http://127.0.0.1:{free_port()}", timeout=5) as c, pytest.raises(ConnectionRefusedError):
+        c.post("/p", json={})
+    with pytest.raises(ValueError, match="unknown client"):
+        http_client("curl", url)
