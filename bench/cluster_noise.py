@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -71,7 +70,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster_noise.json"))
     a = p.parse_args()
     import torch
-    from serve_latency import bsbr_serve_up, make_text, write_result
+    from serve_latency import bsbr_serve_up, machine, make_text, write_result
     from tokenizers import Tokenizer
 
     from bsbr_core.backends import load_backend
@@ -83,7 +82,7 @@ def main() -> int:
     threads = os.cpu_count() or 2
     model = load_backend("torch", str(models / "bsbr"), device="cpu", threads=threads)
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "machine": machine(),
            "torch_threads": threads, "tokens": len(ids), "loadavg": {"before": list(os.getloadavg())}}
     out["alone_ms"] = reads(model, x, a.repeats)
     with bsbr_serve_up(models, ready_s=300):

@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -117,6 +116,8 @@ async def measure(store_kind: str, models: Path, pages_n: int, redis_url: str | 
 
 
 def main() -> int:
+    from serve_latency import machine
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default=str(ROOT / "models"))
     p.add_argument("--stores", default="memory,ray_actor,ray_actor_100k,redis")
@@ -133,7 +134,7 @@ def main() -> int:
     if "redis" in stores and not a.redis_url:
         raise SystemExit("--stores has redis: give --redis-url of a running Redis")
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "machine": machine(),
            "loadavg": {"before": list(os.getloadavg())}, "stores": {}}
     rounds: dict[str, list[dict]] = {k: [] for k in stores}
     for _ in range(a.rounds):

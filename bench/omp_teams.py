@@ -40,7 +40,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -202,6 +201,8 @@ def child(variant: str, models: Path, pages_n: int, threads: int, fused_pages: i
 
 
 def main() -> int:
+    from serve_latency import machine
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default=str(ROOT / "models"))
     p.add_argument("--pages", type=int, default=60)
@@ -220,7 +221,7 @@ def main() -> int:
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "machine": machine(),
            "settings": {"pages": a.pages, "page_tokens": 512, "torch_threads": a.threads, "rounds": a.rounds,
                         "fused_pages": a.fused_pages},
            "loadavg": {"before": list(os.getloadavg())}, "variants": {}}

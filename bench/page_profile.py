@@ -32,7 +32,6 @@ import collections
 import contextlib
 import gzip
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -51,6 +50,7 @@ from serve_latency import (
     bsbr_serve_up,
     descendants,
     free_port,
+    machine,
     make_text,
     page_texts,
     wait_ready,
@@ -179,7 +179,7 @@ def main() -> int:
     tok = Tokenizer.from_file(str(models / "bsbr" / "tokenizer.json"))
     pages = page_texts(tok, make_text(tok, 1200 * 512, seed=3), 512)
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "machine": machine(),
            "rate_hz": a.rate, "seconds": a.seconds, "loadavg": {"before": list(os.getloadavg())}, "paths": {}}
     for name in [x for x in a.paths.split(",") if x]:
         raw = Path(a.out).with_name(f"{Path(a.out).stem}.{name}.txt")

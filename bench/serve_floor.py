@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -171,6 +170,8 @@ def measure(topology: str, direct: bool, models: Path, pages_n: int, healthz_n: 
 
 
 def main() -> int:
+    from serve_latency import machine
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default=str(ROOT / "models"))
     p.add_argument("--paths", default=",".join(PATHS))
@@ -194,7 +195,7 @@ def main() -> int:
                                  SESSION_OVERRIDES.get(a.child))))
         return 0
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "machine": machine(),
            "sessions": "redis" if a.redis_url else "ray_actor",
            "loadavg": {"before": list(os.getloadavg())}, "paths": {}}
     for name in a.paths.split(","):

@@ -262,6 +262,11 @@ def git_revision() -> str | None:
     return rev + ("+changes" if dirty else "")
 
 
+def machine() -> dict:
+    """The machine a bench ran on, as every bench's JSON records it."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
+
+
 def write_result(out: dict, path: str | Path) -> None:
     """Record the load average after the run (and the code's commit) in `out` and write it as JSON to `path`."""
     out["loadavg"]["after"] = list(os.getloadavg())
@@ -295,8 +300,7 @@ class Bench:
     def __init__(self, args):
         self.args = args
         self.results: dict = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-                              "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                          "python": platform.python_version()},
+                              "machine": machine(),
                               "loadavg": {"before": list(os.getloadavg())}}
 
     # --- setup ---------------------------------------------------------------------------

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_latency import write_result
+from serve_latency import machine, write_result
 
 ANSWER = {"session_id": "s" * 32, "model": "bsbr", "seq": 1, "label": "a", "scores": {"a": 0.1, "b": 0.9},
           "logits": {"a": 0.1, "b": 0.9}, "num_tokens": 5120, "num_pages": 10, "state_bytes": 1352192,
@@ -80,7 +79,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "store_channel.json"))
     a = p.parse_args()
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "machine": machine(),
            "loadavg": {"before": list(os.getloadavg())}, "calls": a.calls}
     import ray
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import platform
 import statistics
 import sys
 import time
@@ -38,6 +37,8 @@ WAYS = ("encode_on_loop", "pieces_on_loop", "pieces_off_loop")
 
 
 def main() -> int:
+    from serve_latency import machine
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default=str(ROOT / "models"))
     p.add_argument("--pages", type=int, default=100)
@@ -45,7 +46,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "tokenize_loop.json"))
     a = p.parse_args()
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
-           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+           "machine": machine(),
            "loadavg": {"before": list(os.getloadavg())}, "settings": {"pages": a.pages, "page_tokens": 512}}
 
     import serve.pages
