@@ -8,8 +8,8 @@ made pair by pair.
 
 Each run starts `bsbr-serve up --models-dir models --topology T --ingress I`
 (every shipped model, 1 torch thread per replica: what `make up` serves;
-with `--torch-threads N`, only the shipped bsbr model, on N torch threads,
-from a --config the bench writes) with
+with `--torch-threads N`, only the shipped models of `--models` (bsbr), on N
+torch threads, from a --config the bench writes) with
 the variant's variables added to the environment, waits until it is ready,
 then measures over HTTP on 127.0.0.1:
 
@@ -30,6 +30,9 @@ Variants (`--variants`, default `without,with`):
   RAY_SERVE_USE_GRPC_BY_DEFAULT=0, as now);
 - `spin10k`: `with` and GOMP_SPINCOUNT=10000 (libgomp's spin-wait cut from
   300000 spins; bench/results/serve_flags_spincount.json);
+- `omp_active`: `with` and OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000:
+  libgomp's spin-wait as by default, but its throttled spin (a process
+  with more OpenMP threads than cores) at 1000 spins instead of 100;
 - `tree:DIR`: `with`'s settings, but the server runs the bsbr-serve code of
   the checkout DIR (e.g. `git worktree add /tmp/before fea107c`): a code A/B,
   as `--variants tree:/tmp/before,with` (bench/results/serve_flags_torch_thread.json
@@ -63,6 +66,10 @@ VARIANTS = {
     # `with` and libgomp's spin-wait cut from its default of 300000 spins (each a `pause`,
     # several ms of a core after a step's last parallel region) to 10000.
     "spin10k": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "GOMP_SPINCOUNT": "10000"},
+    # `with` and libgomp's throttled spin-wait (what a process with more OpenMP threads than
+    # cores gets: a fused replica's one team per model) at 1000 spins instead of 100; the
+    # unthrottled spin stays at its default of 300000 (docs/architecture.md 3.9).
+    "omp_active": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"},
 }
 
 
@@ -119,7 +126,10 @@ def main() -> int:
     p.add_argument("--pages", type=int, default=150)
     p.add_argument("--conc-pages", type=int, default=24)
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="serve only bsbr, on this many torch threads (default: every model, as make up)")
+                   help="serve only --models, on this many torch threads (default: every model, as make up)")
+    p.add_argument("--models", default="bsbr",
+                   help="with --torch-threads: the shipped models served (bsbr,standard: a fused replica then "
+                        "holds two OpenMP teams)")
     p.add_argument("--client", choices=("lean", "httpx"), default="lean",
                    help="the HTTP client (serve_latency.LeanClient, or httpx: what the JSONs of before the option used)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve_flags.json"))
@@ -129,8 +139,9 @@ def main() -> int:
         import tempfile
 
         config = Path(tempfile.mkdtemp(prefix="serve_flags_")) / "config.json"  # JSON is YAML
-        config.write_text(json.dumps({"models": [{"name": "bsbr", "path": str(ROOT / "models" / "bsbr"),
-                                                  "torch_threads": a.torch_threads}]}))
+        config.write_text(json.dumps({"models": [{"name": m, "path": str(ROOT / "models" / m),
+                                                  "torch_threads": a.torch_threads}
+                                                 for m in a.models.split(",") if m]}))
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(ROOT / "models" / "bsbr" / "tokenizer.json"))
@@ -157,6 +168,7 @@ def main() -> int:
            "loadavg": {"before": list(os.getloadavg())}, "cpus": os.cpu_count(),
            "variants": {v: {"env": settings(v)[0], "code": tree_code(v) or git_revision()} for v in variants},
            "pages": a.pages, "conc_pages": a.conc_pages, "torch_threads": a.torch_threads, "client": a.client,
+           "models": a.models.split(",") if a.torch_threads else "every shipped model",
            "runs": []}
     for path in [x for x in a.paths.split(",") if x]:
         topology, ingress = path.split(":")
