@@ -44,18 +44,22 @@ then pays futex wake-ups. One other thread that had run a single parallel
 copy (a checkpoint, the model's load) was enough: the shipped bsbr model's
 512-token step took 10-13 ms in the engine instead of 6-7 ms
 (bench/omp_teams.py, docs/architecture.md 3.9). A fused replica holds
-several engines, hence several teams: each model's steps are slower, but a
-long step of one model never holds up another model's pages.
+several engines, hence several teams while they work: a long step of one
+model never holds up another model's pages. An engine's thread ends after
+TORCH_THREAD_IDLE_S without work, so an idle model's team does not throttle
+a busy one's; `bsbr-serve up`'s libgomp settings (serve.cli.RAY_ENV_DEFAULTS)
+soften the throttle where both are busy.
 """
 from __future__ import annotations
 
 import asyncio
 import bisect
 import logging
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,9 +85,76 @@ from serve.store import SessionStore, new_session_id
 logger = logging.getLogger("ray.serve")
 
 
-def torch_thread(name: str) -> ThreadPoolExecutor:
-    """A thread for one engine's torch work (module docstring: one OpenMP team per engine)."""
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{name}")
+# An engine's torch thread ends after this long without work, and its OpenMP
+# team with it; the next piece of work starts a new one. In a fused replica an
+# idle model's team otherwise keeps the process over one OpenMP thread per core,
+# so libgomp throttles the busy model's spin-wait (module docstring).
+TORCH_THREAD_IDLE_S = 2.0
+
+
+class TorchThread(Executor):
+    """The one thread of an engine's torch work (module docstring: one OpenMP
+    team per engine), ended after `idle_s` seconds without work and started
+    again by the next submit. Work runs one piece at a time, in order; at most
+    one thread runs it at any moment (a retired thread has nothing left to run
+    and ends). `retired` counts the threads ended for idleness."""
+
+    def __init__(self, name: str, idle_s: float | None = TORCH_THREAD_IDLE_S):
+        self.name = name
+        self.idle_s = idle_s
+        self.retired = 0
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending = 0
+        self._timer: threading.Timer | None = None
+        self._closed = False
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError(f"the torch thread of {self.name} was shut down")
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{self.name}")
+            self._pending += 1
+            fut = self._pool.submit(fn, *args, **kwargs)
+        fut.add_done_callback(self._finished)
+        return fut
+
+    def _finished(self, _fut: Future) -> None:
+        with self._lock:
+            self._pending -= 1
+            if self._pending == 0 and self.idle_s is not None and not self._closed and self._pool is not None:
+                timer = threading.Timer(self.idle_s, self._retire)
+                timer.args = (timer,)
+                timer.daemon = True
+                self._timer = timer
+                timer.start()
+
+    def _retire(self, timer: threading.Timer) -> None:
+        with self._lock:
+            if self._timer is not timer or self._pending or self._pool is None:
+                return  # work came in meanwhile: this timer was cancelled, perhaps replaced
+            pool, self._pool, self._timer = self._pool, None, None
+            self.retired += 1
+        pool.shutdown(wait=False)  # idle: its thread ends now
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=wait, cancel_futures=cancel_futures)
+
+
+def torch_thread(name: str, idle_s: float | None = TORCH_THREAD_IDLE_S) -> TorchThread:
+    """The thread for one engine's torch work (TorchThread)."""
+    return TorchThread(name, idle_s)
 
 
 @dataclass
@@ -114,7 +185,7 @@ class StepBatcher:
     """
 
     def __init__(self, model, max_batch_size: int = 16, batch_wait_s: float = 0.002, peak: PeakMemory | None = None,
-                 metrics: EngineMetrics | None = None, name: str = "", executor: ThreadPoolExecutor | None = None):
+                 metrics: EngineMetrics | None = None, name: str = "", executor: Executor | None = None):
         self.model = model
         self.name = name
         self.max_batch_size = max_batch_size
@@ -282,7 +353,7 @@ class Engine:
         sessions: SessionConfig,
         store: SessionStore,
         metrics: EngineMetrics | None = None,
-        torch_executor: ThreadPoolExecutor | None = None,
+        torch_executor: Executor | None = None,
     ):
         """`torch_executor`: the thread the model was loaded on (load_engine), for all its torch work
         (steps, checkpoints, restores: module docstring); without one, the batcher makes its own."""

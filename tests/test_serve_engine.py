@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import torch
@@ -362,6 +363,77 @@ def test_all_torch_work_of_an_engine_runs_on_its_one_torch_thread(dev_models, mo
     for eng in engines:  # shutdown ends the thread, and its OpenMP team with it
         eng.shutdown()
         assert not ran_on[f"torch-{eng.name}"].is_alive()
+
+
+def test_an_idle_torch_thread_ends_and_the_next_work_starts_a_new_one():
+    """TorchThread ends its thread after idle_s without work (the OpenMP team of an
+    idle model in a fused replica goes with it), never while work is queued or
+    running, and runs the next work on a new thread, one piece at a time in order."""
+    import threading
+
+    from serve.engine import TorchThread
+
+    t = TorchThread("m", idle_s=0.3)
+    first = t.submit(threading.current_thread).result(5)
+    assert first.name.startswith("torch-m") and first is not threading.current_thread()
+    # Work that outlasts idle_s, then more queued behind it: no retirement meanwhile.
+    gate = threading.Event()
+    order: list[int] = []
+    slow = t.submit(lambda: (gate.wait(5), order.append(0), threading.current_thread())[2])
+    rest = [t.submit(lambda i=i: (order.append(i), threading.current_thread())[1]) for i in (1, 2, 3)]
+    time.sleep(0.8)
+    assert first.is_alive() and t.retired == 0
+    gate.set()
+    assert {slow.result(5), *(f.result(5) for f in rest)} == {first} and order == [0, 1, 2, 3]
+    # Idle past idle_s: the thread ends.
+    deadline = time.monotonic() + 5
+    while first.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not first.is_alive() and t.retired == 1
+    second = t.submit(threading.current_thread).result(5)
+    assert second is not first and second.name.startswith("torch-m")
+    # Work submitted just as the timer would fire keeps the thread.
+    for _ in range(6):
+        time.sleep(0.2)
+        assert t.submit(threading.current_thread).result(5) is second
+    assert t.retired == 1
+    t.shutdown(wait=True)
+    assert not second.is_alive()
+    with pytest.raises(RuntimeError, match="shut down"):
+        t.submit(int)
+    never = TorchThread("n", idle_s=None)  # idle_s None: the thread stays
+    th = never.submit(threading.current_thread).result(5)
+    time.sleep(0.5)
+    assert th.is_alive() and never.retired == 0
+    never.shutdown()
+    assert not th.is_alive()
+
+
+def test_a_retired_torch_thread_changes_no_answer(dev_models):
+    """An engine whose torch thread ended between pages goes on on a new one with
+    the same answers as one that kept its thread."""
+    pages = document(4, seed=9)
+
+    async def read(eng):
+        sid = (await eng.create_session())["session_id"]
+        out = [await eng.append(sid, 0, pages=pages[:2])]
+        if eng.batcher.executor.idle_s is not None:
+            deadline = time.monotonic() + 10
+            while eng.batcher.executor.retired == 0 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert eng.batcher.executor.retired >= 1
+        out.append(await eng.append(sid, 1, pages=pages[2:]))
+        return [o["logits"] for o in out]
+
+    eng = make_engine(dev_models, "bsbr")
+    eng.batcher.executor.idle_s = 0.2
+    kept = make_engine(dev_models, "bsbr")
+    kept.batcher.executor.idle_s = None
+    try:
+        assert run(read(eng)) == run(read(kept))
+    finally:
+        eng.shutdown()
+        kept.shutdown()
 
 
 def test_a_long_text_is_tokenised_in_pieces_to_the_ids_of_one_encode(dev_models):
