@@ -301,7 +301,8 @@ class Bench:
         self.args = args
         self.results: dict = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                               "machine": machine(),
-                              "loadavg": {"before": list(os.getloadavg())}}
+                              "loadavg": {"before": list(os.getloadavg())},
+                              "code": git_revision()}  # at the start: what the servers run
 
     # --- setup ---------------------------------------------------------------------------
 
