@@ -16,7 +16,11 @@ then measures over HTTP on 127.0.0.1:
 - one session of `--pages` (150) pages of 512 tokens, one after the other:
   the median request time, the median model step the answers report, and
   the median of their per-page ratio (pages 6 on; the first 5 warm up);
-- 8 sessions of `--conc-pages` (24) pages at once: pages/s.
+- 8 sessions of `--conc-pages` (24) pages at once: pages/s, and how busy
+  the machine was meanwhile (`cpu_8_sessions`, from /proc/stat).
+
+Before these, every served model answers one classify of 2 pages, as on a
+server in use (the JSONs written before this step lack `served`).
 
 Requests go out with `--client lean` (serve_latency.LeanClient, the default)
 or `--client httpx` (what the JSONs of before the option used).
@@ -58,7 +62,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from serve_latency import bsbr_serve_up, http_client, make_text, page_texts
+from serve_latency import (
+    bsbr_serve_up,
+    cpu_use,
+    http_client,
+    machine_cpu,
+    make_text,
+    page_texts,
+)
 
 VARIANTS = {
     "without": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
@@ -92,6 +103,12 @@ def one_run(topology: str, ingress: str, env_extra: dict[str, str], pages: list[
                 c.delete(f"/v1/sessions/{sid}").raise_for_status()
                 return reqs, steps
 
+        # Every served model reads once first, as on a server in use (a model's
+        # first read starts its torch thread, and with it an OpenMP team).
+        with http_client(client, url, timeout=600) as c:
+            served = [m["name"] for m in c.get("/v1/models").raise_for_status().json()["models"]]
+            for m in served:
+                c.post("/v1/classify", json={"model": m, "pages": pages[:2]}).raise_for_status()
         session(20, 0)  # warm-up
         reqs, steps = session(n_seq, 0)
         reqs, steps = reqs[5:], steps[5:]
@@ -104,7 +121,7 @@ def one_run(topology: str, ingress: str, env_extra: dict[str, str], pages: list[
                 failures.append(e)
 
         threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
-        t0 = time.perf_counter()
+        cpu0, proc0, t0 = machine_cpu(), time.process_time(), time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
@@ -112,9 +129,11 @@ def one_run(topology: str, ingress: str, env_extra: dict[str, str], pages: list[
         secs = time.perf_counter() - t0
         if failures:
             raise failures[0]
+        n = sum(len(r) for r, _ in out)
         return {"request_ms": statistics.median(reqs), "step_ms": statistics.median(steps),
                 "request_over_step": statistics.median(q / s for q, s in zip(reqs, steps)),
-                "pages_per_s_8_sessions": sum(len(r) for r, _ in out) / secs}
+                "pages_per_s_8_sessions": n / secs, "served": served,
+                "cpu_8_sessions": cpu_use(cpu0, machine_cpu(), n, time.process_time() - proc0)}
 
 
 def main() -> int:
@@ -181,7 +200,8 @@ def main() -> int:
                 out["runs"].append(r)
                 print(f"{topology:>5} {ingress:<7} {v[-12:]:<12} request {r['request_ms']:5.1f} ms  step "
                       f"{r['step_ms']:5.1f} ms  request/step {r['request_over_step']:.2f}  "
-                      f"8 sessions {r['pages_per_s_8_sessions']:5.1f} pages/s", flush=True)
+                      f"8 sessions {r['pages_per_s_8_sessions']:5.1f} pages/s, machine "
+                      f"{r['cpu_8_sessions']['machine_busy_share']:.0%} busy", flush=True)
     out["loadavg"]["after"] = list(os.getloadavg())
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
