@@ -107,15 +107,13 @@ class TorchThread(Executor):
         self._pool: ThreadPoolExecutor | None = None
         self._pending = 0
         self._timer: threading.Timer | None = None
+        self._last_done = 0.0
         self._closed = False
 
     def submit(self, fn, /, *args, **kwargs) -> Future:
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"the torch thread of {self.name} was shut down")
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"torch-{self.name}")
             self._pending += 1
@@ -124,20 +122,29 @@ class TorchThread(Executor):
         return fut
 
     def _finished(self, _fut: Future) -> None:
+        # Per piece of work only a count and a clock: at most one timer is armed
+        # at a time, and it re-arms itself for what is left of idle_s.
         with self._lock:
             self._pending -= 1
-            if self._pending == 0 and self.idle_s is not None and not self._closed and self._pool is not None:
-                timer = threading.Timer(self.idle_s, self._retire)
-                timer.args = (timer,)
-                timer.daemon = True
-                self._timer = timer
-                timer.start()
+            self._last_done = time.monotonic()
+            if self._pending == 0 and self._timer is None and self.idle_s is not None and self._pool is not None:
+                self._arm(self.idle_s)
 
-    def _retire(self, timer: threading.Timer) -> None:
+    def _arm(self, delay: float) -> None:
+        self._timer = threading.Timer(delay, self._retire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _retire(self) -> None:
         with self._lock:
-            if self._timer is not timer or self._pending or self._pool is None:
-                return  # work came in meanwhile: this timer was cancelled, perhaps replaced
-            pool, self._pool, self._timer = self._pool, None, None
+            self._timer = None
+            if self._closed or self._pool is None or self._pending:
+                return  # busy again: the work's end arms a new timer
+            left = self._last_done + self.idle_s - time.monotonic()
+            if left > 0:
+                self._arm(left)  # work came and went meanwhile
+                return
+            pool, self._pool = self._pool, None
             self.retired += 1
         pool.shutdown(wait=False)  # idle: its thread ends now
 
