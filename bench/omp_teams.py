@@ -22,6 +22,9 @@ to the last):
 - `engine`: `Engine.append` of a session page as the engine now runs it
   (memory store): `model_step` and the whole `append`;
 - `engine_two_teams`: the same after another thread ran one parallel copy;
+- `two_teams_active` / `fused_own_threads_active`: two_teams and
+  fused_own_threads under OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000, what
+  `bsbr-serve up` sets (libgomp's throttled spin at 1000 spins, not 100);
 - `fused_own_threads` / `fused_shared_thread`: a fused replica's choice, the
   bsbr and standard engines in one process, each on a torch thread of its
   own (what serve.engine does) or both on one: bsbr session pages alone
@@ -53,7 +56,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 VARIANTS = ("one_team", "two_teams", "passive", "engine", "engine_two_teams", "fused_own_threads",
-            "fused_shared_thread")
+            "fused_shared_thread", "two_teams_active", "fused_own_threads_active")
+# What bsbr-serve up sets for libgomp (serve.cli.RAY_ENV_DEFAULTS), for the *_active variants.
+ACTIVE_ENV = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"}
 
 
 def open_second_team() -> None:
@@ -190,6 +195,7 @@ def measure_fused(models: Path, threads: int, shared: bool, standard_pages: int)
 
 
 def child(variant: str, models: Path, pages_n: int, threads: int, fused_pages: int) -> dict:
+    variant = variant.removesuffix("_active")  # the same measurement, under ACTIVE_ENV
     if variant.startswith("fused"):
         out = measure_fused(models, threads, shared=variant == "fused_shared_thread", standard_pages=fused_pages)
     elif variant.startswith("engine"):
@@ -229,6 +235,8 @@ def main() -> int:
     for _ in range(a.rounds):
         for v in variants:
             env = {k: x for k, x in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+            if v.endswith("_active"):
+                env.update(ACTIVE_ENV)
             if v == "passive":
                 env["OMP_WAIT_POLICY"] = "PASSIVE"
             r = subprocess.run([sys.executable, __file__, "--child", v, "--models-dir", a.models_dir,
@@ -246,7 +254,8 @@ def main() -> int:
                               "rounds": rounds[v]}
     step = {v: out["variants"][v]["median_ms"]["model_step"] for v in variants if not v.startswith("fused")}
     ratios = {}
-    for v, ref in (("two_teams", "one_team"), ("passive", "one_team"), ("engine_two_teams", "engine")):
+    for v, ref in (("two_teams", "one_team"), ("two_teams_active", "one_team"), ("passive", "one_team"),
+                   ("engine_two_teams", "engine")):
         if v in step and ref in step:
             ratios[f"{v}_over_{ref}"] = step[v] / step[ref]
     out["ratios"] = ratios

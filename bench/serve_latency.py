@@ -26,8 +26,8 @@ For each one it measures over real HTTP on 127.0.0.1:
 
 The requests are sent with `--client lean` (default: LeanClient, on
 http.client) or `--client httpx`. The load generator runs on the same cores as
-the server; httpx's own work, about 2 ms of CPU per request here, is a tenth
-of a 2-core machine at 8 concurrent sessions, so the figures moved with the
+the server; httpx's own work, 3.2 ms of CPU per page at 8 concurrent
+sessions here against 0.3-0.4 ms for LeanClient, so the figures moved with the
 client (`client` in each throughput result; the JSONs of before the option
 were taken with httpx).
 
@@ -157,9 +157,10 @@ class LeanClient:
     """A keep-alive HTTP/1.1 client on the standard library's http.client, with
     the calls of httpx.Client that the measurements make (post(json=), delete,
     a context manager). The load generator shares the machine's cores with the
-    server it measures; httpx costs about 2 ms of CPU per request here (at 8
-    concurrent sessions a tenth of a 2-core machine, taken from the server),
-    this client about a fifth of that. `--client httpx` measures with httpx.
+    server it measures; with httpx the bench process took 3.2 ms of CPU per
+    page at 8 concurrent sessions here, with this client 0.3-0.4 ms
+    (bench/results/serve_latency_httpx_client.json against
+    serve_latency_idle_teams.json). `--client httpx` measures with httpx.
 
     A request sent over a kept-alive connection that the server had already
     closed (its keep-alive timeout) is sent again once on a new connection;
