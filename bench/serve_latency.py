@@ -37,6 +37,13 @@ Each topology is served behind each ingress of --ingresses (default
 are under `servers.<topology>` (Serve's proxy) and
 `servers.<topology>+haproxy`; the in-process references are shared.
 
+`--layouts RxT,...` serves each topology once per layout: R replicas of T
+torch threads each (in fused the ingress's replicas, which hold the models;
+in split each model's), under `servers.<name> RxT`; by default one replica
+with every core for torch. On 2 cores, `1x2` against `2x1` is one process
+whose OpenMP team spans both cores against two that use one each
+(README, "Replicas and threads").
+
 The JSON records the load average before and after the run (`loadavg`):
 figures taken on a loaded machine are only comparable side by side.
 
@@ -300,6 +307,7 @@ def page_texts(tokenizer, text: str, page_tokens: int) -> list[str]:
 class Bench:
     def __init__(self, args):
         self.args = args
+        self.replicas = 1  # of the server being measured (its warm-up reaches each one)
         self.results: dict = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                               "machine": machine(),
                               "loadavg": {"before": list(os.getloadavg())},
@@ -320,16 +328,22 @@ class Bench:
         write_random_models(tmp, ("bsbr", "standard"), size=size, vocab_size=16384 if size == "reference" else 300)
         return tmp, False
 
-    def app_args(self, root: Path, topology: str) -> dict:
+    def app_args(self, root: Path, topology: str, layout: tuple[int, int] | None = None) -> dict:
+        """The application as served: `layout` (replicas, torch threads per replica),
+        default one replica with every core for torch. In split the replicas are each
+        model's, in fused the ingress deployment's (which holds the models)."""
         cpus = os.cpu_count() or 2
+        replicas, threads = layout or (1, cpus)
         max_tokens = (self.args.stream_pages + 8) * self.args.page_tokens
         common = {"page_tokens": self.args.page_tokens, "max_tokens": max(max_tokens, 110 * self.args.page_tokens),
-                  "torch_threads": cpus, "ray_actor_options": {"num_cpus": 1}, "max_batch_size": 16}
+                  "torch_threads": threads, "ray_actor_options": {"num_cpus": 1}, "max_batch_size": 16,
+                  **({"num_replicas": replicas} if topology == "split" else {})}
         return {
             "models": [{"name": n, "path": str(root / n), **common} for n in ("bsbr", "standard")],
             "sessions": {"max_store_bytes": 16 << 30, "store_name": f"bench_store_{os.getpid()}"},
             "http": {"max_body_bytes": 64 << 20},
-            "ingress": {"ray_actor_options": {"num_cpus": 0.5}},
+            "ingress": {"ray_actor_options": {"num_cpus": 0.5},
+                        **({"num_replicas": replicas} if topology == "fused" else {})},
             "topology": topology,
         }
 
@@ -502,8 +516,9 @@ class Bench:
         """Every HTTP measurement against the application being served at url."""
         a, out = self.args, {}
         with http_client(a.client, url, timeout=7200) as c:
-            for m in ("bsbr", "standard"):  # warm-up
-                c.post("/v1/classify", json={"model": m, "pages": ["warm up"]}).raise_for_status()
+            for m in ("bsbr", "standard"):  # warm-up, of every replica (classify is balanced round robin)
+                for _ in range(2 * self.replicas):
+                    c.post("/v1/classify", json={"model": m, "pages": ["warm up"]}).raise_for_status()
             for m in a.models:
                 print(f"[{m}] one-shot classify", flush=True)
                 out.setdefault("oneshot", {})[m] = {str(n): self.oneshot(c, m, all_pages[:n]) for n in (10, 100)}
@@ -577,17 +592,21 @@ class Bench:
                 os.environ.update(haproxy_env(run_dir))
             ray_env_defaults()  # as bsbr-serve up starts Ray
             port, mport = free_port(), free_port()
-            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False,
+            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 2) + 4, include_dashboard=False,
                      _metrics_export_port=mport, object_store_memory=a.object_store_mb << 20,
                      logging_level="warning", log_to_driver=False)
             try:
                 serve.start(http_options={"host": "127.0.0.1", "port": port})
-                for topo in a.topologies:
+                for topo, layout in [(t, lay) for t in a.topologies for lay in a.layouts]:
                     name = topo if ingress == "serve" else f"{topo}+{ingress}"
+                    if layout is not None:
+                        name += f" {layout[0]}x{layout[1]}"
                     print(f"== {name}", flush=True)
-                    serve.run(build_app(self.app_args(root, topo)), name=f"bench-{topo}", route_prefix="/")
+                    self.replicas = layout[0] if layout else 1
+                    serve.run(build_app(self.app_args(root, topo, layout)), name=f"bench-{topo}", route_prefix="/")
                     self.results.setdefault("servers", {})[name] = {
                         "topology": topo, "ingress": ingress,
+                        "replicas": self.replicas, "torch_threads": layout[1] if layout else os.cpu_count() or 2,
                         **self.server(f"http://127.0.0.1:{port}", all_pages, docs)}
                     serve.delete(f"bench-{topo}")
             finally:
@@ -608,7 +627,7 @@ def summary(r: dict) -> str:
     clients = {t.get("client", "httpx") for srv in r.get("servers", {}).values()
                for m in srv.get("throughput_http", {}).values() for t in m.values()}
     lines.append(f"HTTP client: {', '.join(sorted(clients)) or '-'}")
-    lines.append(f"{'':<24}{'1-shot 10p ms':>14}{'1-shot 100p ms':>15}{'in-proc ms':>11}{'1shot/inp':>10}"
+    lines.append(f"{'':<28}{'1-shot 10p ms':>14}{'1-shot 100p ms':>15}{'in-proc ms':>11}{'1shot/inp':>10}"
                  f"{'p1 step':>8}{'p50 step':>9}{'p200 step':>10}"
                  f"{'p1 req':>7}{'p50 req':>8}{'p200 req':>9}{'req/step p1':>12}{'p200':>6}"
                  f"{'1 sess p/s':>11}{'8 sess p/s':>11}{'engine 8':>9}{'http/eng':>9}")
@@ -626,7 +645,7 @@ def summary(r: dict) -> str:
             inp = r.get("oneshot_inprocess", {}).get(m, {}).get("ms")
             over = srv.get("oneshot_over_inprocess", {}).get(m)
             eng8 = r["throughput_engine"][m]["8"]["pages_per_s"]
-            lines.append(f"{m + ' ' + topo:<24}{o['10']['http_ms']:>14.0f}{o['100']['http_ms']:>15.0f}"
+            lines.append(f"{m + ' ' + topo:<28}{o['10']['http_ms']:>14.0f}{o['100']['http_ms']:>15.0f}"
                          f"{(f'{inp:.0f}' if inp else '-'):>11}{(f'{over:.2f}' if over else '-'):>10}{g('1', 'page_ms'):>8}"
                          f"{g('50', 'page_ms'):>9}{g('200', 'page_ms'):>10}{g('1', 'request_ms'):>7}{g('50', 'request_ms'):>8}"
                          f"{g('200', 'request_ms'):>9}{ratio('1'):>12}{ratio('200'):>6}"
@@ -781,6 +800,9 @@ def main() -> int:
     p.add_argument("--ingresses", default="serve,haproxy",
                    help="serve: Serve's Python HTTP proxy; haproxy: Serve's HAProxy ingress (bsbr-serve up --ingress); "
                         "each in a Ray of its own, every topology in it")
+    p.add_argument("--layouts", default="",
+                   help="comma-separated RxT: serve each topology with R replicas of T torch threads each "
+                        "(fused: the ingress's replicas, split: each model's); default one replica with every core")
     p.add_argument("--stream-repeats", type=int, default=3, help="streamed documents per model (medians)")
     p.add_argument("--repeats", type=int, default=3, help="throughput runs (the best of them, engine and HTTP alike)")
     p.add_argument("--client", choices=("lean", "httpx"), default="lean",
@@ -790,6 +812,7 @@ def main() -> int:
     a = p.parse_args()
     a.topologies = [t for t in a.topologies.split(",") if t]
     a.ingresses = [i for i in a.ingresses.split(",") if i]
+    a.layouts = [tuple(int(x) for x in lay.split("x")) for lay in a.layouts.split(",") if lay] or [None]
     if a.cpu_profile:
         out = Path(a.out if a.out != p.get_default("out") else ROOT / "bench" / "results" / "serve_cpu_profile.json")
         r = cpu_profile(a)

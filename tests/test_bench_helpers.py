@@ -137,3 +137,27 @@ def test_lean_client_posts_json_keeps_the_connection_and_reconnects_once_when_th
         c.post("/p", json={})
     with pytest.raises(ValueError, match="unknown client"):
         http_client("curl", url)
+
+
+@pytest.mark.parametrize("topology", ["split", "fused"])
+def test_serve_latency_layouts_place_replicas_and_threads_where_the_topology_runs_its_models(topology, tmp_path):
+    """`--layouts RxT`: R replicas of T torch threads, on each model's deployment in
+    split and on the ingress (which holds the models) in fused; without one, one
+    replica with every core, as before the option."""
+    import argparse
+    import os
+
+    from serve.config import AppConfig
+    from serve_latency import Bench
+
+    bench = Bench(argparse.Namespace(stream_pages=200, page_tokens=512))
+    for layout, (replicas, threads) in [((2, 1), (2, 1)), (None, (1, os.cpu_count() or 2))]:
+        cfg = AppConfig.model_validate(bench.app_args(tmp_path, topology, layout))
+        assert cfg.topology == topology
+        assert [m.torch_threads for m in cfg.models] == [threads, threads]
+        if topology == "split":
+            assert [m.num_replicas for m in cfg.models] == [replicas, replicas]
+            assert cfg.ingress.num_replicas == 1
+        else:
+            assert cfg.ingress.num_replicas == replicas
+            assert [m.num_replicas for m in cfg.models] == [1, 1]
