@@ -11,6 +11,15 @@ used over `--idle-s` seconds of that idle server (/proc/<pid>/stat), as a
 share of the machine's cores.
 
     python bench/cluster_noise.py          # writes bench/results/cluster_noise.json
+    python bench/cluster_noise.py --variants default,calm --rounds 2 \
+        --out bench/results/cluster_noise_calm.json
+
+`--variants` serves the idle server once per variant of SERVER_VARIANTS (an
+environment `bsbr-serve up` starts with, over its own defaults), in
+`--rounds` interleaved rounds, with a read alone before each round and after
+the last, so a slow spell of this VM falls on every variant:
+`beside_over_alone` per variant is the median of its reads beside the server
+over the median of all the reads alone.
 
 The JSON records the load average before and after.
 """
@@ -62,13 +71,46 @@ def machine_cpu_ms(seconds: float) -> float:
     return sum(b[p] - a[p] for p in b if p in a) * 1000 / hz
 
 
+# Environments for the idle server (--variants): `calm` wakes Serve's controller
+# every 0.5 s instead of 0.1 s and exports the replicas' cached metrics every
+# 1 s instead of 0.1 s.
+SERVER_VARIANTS = {
+    "default": {},
+    "calm": {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"},
+}
+
+
+def beside(models: Path, model, x, a, env: dict[str, str]) -> dict:
+    """The reads beside an idle `bsbr-serve up` started with `env`, and the CPU it took idle."""
+    from serve_latency import bsbr_serve_up
+
+    with bsbr_serve_up(models, ready_s=300, env=env):
+        time.sleep(10)  # past its start-up work
+        idle_ms = machine_cpu_ms(a.idle_s)
+        ms = reads(model, x, a.repeats)
+    time.sleep(10)  # its processes wind down
+    return {"idle_server": {"cpu_ms": idle_ms, "seconds": a.idle_s,
+                            "share_of_cores": idle_ms / (a.idle_s * 1000 * (os.cpu_count() or 1))},
+            "beside_idle_server_ms": ms}
+
+
+def median(xs: list[float]) -> float:
+    return sorted(xs)[len(xs) // 2]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default=str(ROOT / "models"))
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--idle-s", type=float, default=10.0)
+    p.add_argument("--variants", default="", help=f"comma-separated, of {sorted(SERVER_VARIANTS)}")
+    p.add_argument("--rounds", type=int, default=2, help="with --variants: interleaved rounds")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "cluster_noise.json"))
     a = p.parse_args()
+    variants = [v for v in a.variants.split(",") if v]
+    for v in variants:
+        if v not in SERVER_VARIANTS:
+            p.error(f"unknown variant {v!r}: one of {sorted(SERVER_VARIANTS)}")
     import torch
     from serve_latency import bsbr_serve_up, machine, make_text, write_result
     from tokenizers import Tokenizer
@@ -84,6 +126,30 @@ def main() -> int:
     out = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
            "machine": machine(),
            "torch_threads": threads, "tokens": len(ids), "loadavg": {"before": list(os.getloadavg())}}
+    if variants:
+        from serve_latency import git_revision
+
+        out["code"] = git_revision()  # at the start: what the servers run
+        out["variants"] = {v: {"env": SERVER_VARIANTS[v], "rounds": []} for v in variants}
+        alone = []
+        for r in range(a.rounds):
+            alone.append(reads(model, x, a.repeats))
+            for v in variants:
+                print(f"round {r + 1}: {v}", flush=True)
+                out["variants"][v]["rounds"].append(beside(models, model, x, a, SERVER_VARIANTS[v]))
+        alone.append(reads(model, x, a.repeats))
+        out["alone_ms"] = alone
+        ref = median([t for ms in alone for t in ms])
+        out["alone_median_ms"] = ref
+        for v, d in out["variants"].items():
+            d["median_ms"] = median([t for r in d["rounds"] for t in r["beside_idle_server_ms"]])
+            d["beside_over_alone"] = d["median_ms"] / ref
+            d["idle_share_of_cores"] = [r["idle_server"]["share_of_cores"] for r in d["rounds"]]
+            print(f"{v}: beside an idle server {d['median_ms']:.0f} ms against {ref:.0f} alone "
+                  f"({d['beside_over_alone']:.2f}x); idle it took "
+                  f"{', '.join(f'{s_:.1%}' for s_ in d['idle_share_of_cores'])} of the cores")
+        write_result(out, a.out)
+        return 0
     out["alone_ms"] = reads(model, x, a.repeats)
     with bsbr_serve_up(models, ready_s=300):
         time.sleep(10)  # past its start-up work
