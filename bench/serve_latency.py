@@ -299,6 +299,34 @@ def make_text(tokenizer, n_tokens: int, seed: int) -> str:
     return tokenizer.decode(ids)
 
 
+@contextlib.contextmanager
+def local_serve(ingress: str, object_store_mb: int):
+    """A local Ray with Serve's HTTP on a free port of 127.0.0.1, started as
+    `bsbr-serve up` starts it (serve.cli.ray_env_defaults; for ingress "haproxy"
+    Serve's HAProxy ingress, which is chosen when Ray starts); yields the port,
+    and shuts Serve and Ray down and restores the environment after."""
+    import ray
+    from ray import serve
+
+    saved, run_dir = dict(os.environ), haproxy_run_dir()
+    if ingress == "haproxy":
+        os.environ.update(haproxy_env(run_dir))
+    ray_env_defaults()
+    port = free_port()
+    ray.init(address="local", num_cpus=max(4, os.cpu_count() or 2) + 4, include_dashboard=False,
+             _metrics_export_port=free_port(), object_store_memory=object_store_mb << 20,
+             logging_level="warning", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def page_texts(tokenizer, text: str, page_tokens: int) -> list[str]:
     ids = tokenizer.encode(text, add_special_tokens=False).ids
     return [tokenizer.decode(ids[i : i + page_tokens]) for i in range(0, len(ids), page_tokens)]
@@ -558,7 +586,6 @@ class Bench:
     # --- run --------------------------------------------------------------------------------------
 
     def run(self) -> dict:
-        import ray
         from ray import serve
         from tokenizers import Tokenizer
 
@@ -586,17 +613,7 @@ class Bench:
 
         # One Ray per ingress (HAProxy's is chosen when Ray starts), every topology in it.
         for ingress in a.ingresses:
-            saved = dict(os.environ)
-            run_dir = haproxy_run_dir()
-            if ingress == "haproxy":
-                os.environ.update(haproxy_env(run_dir))
-            ray_env_defaults()  # as bsbr-serve up starts Ray
-            port, mport = free_port(), free_port()
-            ray.init(address="local", num_cpus=max(4, os.cpu_count() or 2) + 4, include_dashboard=False,
-                     _metrics_export_port=mport, object_store_memory=a.object_store_mb << 20,
-                     logging_level="warning", log_to_driver=False)
-            try:
-                serve.start(http_options={"host": "127.0.0.1", "port": port})
+            with local_serve(ingress, a.object_store_mb) as port:
                 for topo, layout in [(t, lay) for t in a.topologies for lay in a.layouts]:
                     name = topo if ingress == "serve" else f"{topo}+{ingress}"
                     if layout is not None:
@@ -609,12 +626,6 @@ class Bench:
                         "replicas": self.replicas, "torch_threads": layout[1] if layout else os.cpu_count() or 2,
                         **self.server(f"http://127.0.0.1:{port}", all_pages, docs)}
                     serve.delete(f"bench-{topo}")
-            finally:
-                serve.shutdown()
-                ray.shutdown()
-                os.environ.clear()
-                os.environ.update(saved)
-                shutil.rmtree(run_dir, ignore_errors=True)
         self.results["loadavg"]["after"] = list(os.getloadavg())
         return self.results
 
