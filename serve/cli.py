@@ -44,6 +44,16 @@ LIBRARY_COMMANDS = {
 }
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _error(message: object) -> None:
     """The one line a failed command prints."""
     print("error: " + " ".join(str(message).split()), file=sys.stderr)
@@ -68,6 +78,36 @@ def load_app_args(args: argparse.Namespace) -> dict[str, Any]:
 
 def _with_topology(app_args: dict[str, Any], topology: str | None) -> dict[str, Any]:
     return {**app_args, "topology": topology} if topology else app_args
+
+
+def _with_layout(app_args: dict[str, Any], replicas: int | None, torch_threads: int | None) -> dict[str, Any]:
+    """`up --replicas N --torch-threads T` over the config: N replicas of what holds
+    the models (fused: the ingress deployment; split: each model's deployment,
+    whose autoscaling it replaces) and T torch threads in each model's engine.
+    The models under models_dir are listed explicitly first, so both apply to them.
+    Without either flag the args are returned as they are."""
+    if replicas is None and torch_threads is None:
+        return app_args
+    from serve.config import AppConfig
+
+    cfg = AppConfig.model_validate(app_args).with_discovered_models()
+    models = []
+    for m in cfg.models:
+        update: dict[str, Any] = {}
+        if torch_threads is not None:
+            update["torch_threads"] = torch_threads
+        if replicas is not None and cfg.topology == "split":
+            update.update(num_replicas=replicas, autoscaling_config=None)
+        models.append(m.model_copy(update=update))
+    update = {"models": models}
+    if replicas is not None and cfg.topology == "fused":
+        update["ingress"] = cfg.ingress.model_copy(update={"num_replicas": replicas})
+    return cfg.model_copy(update=update).model_dump(mode="json")
+
+
+def _up_app_args(args: argparse.Namespace) -> dict[str, Any]:
+    """build_app's args as `up`'s flags make them: --config or --models-dir, then --topology, --replicas, --torch-threads."""
+    return _with_layout(_with_topology(load_app_args(args), args.topology), args.replicas, args.torch_threads)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -125,7 +165,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     # Everything a user can get wrong is checked here, before Ray starts (seconds).
     try:
-        app_args = _with_topology(load_app_args(args), args.topology)
+        app_args = _up_app_args(args)
         cfg = AppConfig.model_validate(app_args).with_discovered_models()
         check_model_dirs(cfg)
     except (ConfigError, FileNotFoundError) as e:
@@ -618,6 +658,13 @@ def build_parser(library: bool = True) -> argparse.ArgumentParser:
     up.add_argument("--ingress", choices=["serve", "haproxy"], default="serve",
                     help="what takes HTTP requests: serve, Ray Serve's Python HTTP proxy (default); haproxy, Ray "
                          "Serve's HAProxy ingress, which sends each request straight to a replica (faster)")
+    up.add_argument("--replicas", type=_positive_int, default=None,
+                    help="replicas of what holds the models: the fused deployment, or each model's in split "
+                         "(default: the config's)")
+    up.add_argument("--torch-threads", type=_positive_int, default=None,
+                    help="torch threads of each model (default: the config's, else its num_cpus); on a small "
+                         "machine, more replicas of 1 thread read concurrent sessions faster and one "
+                         "document slower (README, \"Replicas and threads\")")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray schedules with (default: enough for the replicas)")
     up.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size (MiB)")
     up.set_defaults(func=cmd_up)

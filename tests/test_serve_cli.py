@@ -276,3 +276,59 @@ def test_free_port_is_outside_the_ephemeral_range_free_and_new():
     others = set(PICKED_PORTS) - {last}
     # Only `last` is left to draw: it, or where it is busy, a port the kernel gives.
     assert free_port(exclude=others) in {last} | set(ephemeral)
+
+
+@pytest.mark.parametrize("topology", ["split", "fused"])
+def test_up_replicas_and_torch_threads_go_to_what_holds_the_models(models_dir, topology):
+    """`up --replicas N --torch-threads T`: N replicas of the fused deployment, or of
+    each model's in split; T torch threads in every model; the discovered models
+    are listed so both apply to them; without either flag the args are untouched."""
+    import shutil
+
+    from serve.cli import _needed_cpus, _up_app_args, build_parser
+    from serve.config import AppConfig
+
+    shutil.copytree(models_dir / "bsbr", models_dir / "standard")
+    base = ["up", "--models-dir", str(models_dir), "--topology", topology]
+    plain = _up_app_args(build_parser().parse_args(base))
+    assert plain == {"models_dir": str(models_dir), "topology": topology}
+
+    args = _up_app_args(build_parser().parse_args(base + ["--replicas", "2", "--torch-threads", "1"]))
+    cfg = AppConfig.model_validate(args)
+    assert [m.name for m in cfg.models] == ["bsbr", "standard"]
+    assert [m.torch_threads for m in cfg.models] == [1, 1]
+    if topology == "fused":
+        assert cfg.ingress.num_replicas == 2 and [m.num_replicas for m in cfg.models] == [1, 1]
+        assert _needed_cpus(args) == 2  # each fused replica asks for the most CPUs of any model (1)
+    else:
+        assert cfg.ingress.num_replicas == 1 and [m.num_replicas for m in cfg.models] == [2, 2]
+        assert _needed_cpus(args) == 0.5 + 2 * 2 * 1
+
+
+def test_up_replicas_replace_a_models_autoscaling_and_keep_the_rest_of_the_config(tmp_path, models_dir):
+    from serve.cli import _up_app_args, build_parser
+    from serve.config import AppConfig
+
+    path = config_file(tmp_path, (
+        "models:\n"
+        f"  - {{name: bsbr, path: {models_dir / 'bsbr'}, page_tokens: 256, torch_threads: 2,\n"
+        "     autoscaling_config: {min_replicas: 1, max_replicas: 3}}\n"
+        "sessions: {ttl_s: 120}\n"))
+    cfg = AppConfig.model_validate(_up_app_args(build_parser().parse_args(["up", "--config", str(path)])))
+    assert cfg.models[0].autoscaling_config is not None and cfg.models[0].num_replicas is None
+
+    cfg = AppConfig.model_validate(_up_app_args(build_parser().parse_args(
+        ["up", "--config", str(path), "--replicas", "3"])))
+    m = cfg.models[0]
+    assert (m.num_replicas, m.autoscaling_config, m.torch_threads, m.page_tokens) == (3, None, 2, 256)
+    assert cfg.sessions.ttl_s == 120 and cfg.topology == "split"
+
+
+@pytest.mark.parametrize("flag", ["--replicas", "--torch-threads"])
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_up_refuses_a_replica_or_thread_count_below_one(flag, value, capsys):
+    from serve.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["up", flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
