@@ -159,7 +159,7 @@ def main() -> int:
         out["beside_idle_server_ms"] = reads(model, x, a.repeats)
     time.sleep(10)
     out["alone_after_ms"] = reads(model, x, a.repeats)
-    med = {k: sorted(out[k])[len(out[k]) // 2] for k in ("alone_ms", "beside_idle_server_ms", "alone_after_ms")}
+    med = {k: median(out[k]) for k in ("alone_ms", "beside_idle_server_ms", "alone_after_ms")}
     out["median_ms"] = med
     out["beside_over_alone"] = med["beside_idle_server_ms"] / min(med["alone_ms"], med["alone_after_ms"])
     print(f"100-page one-shot, median ms: alone {med['alone_ms']:.0f}, beside an idle server "

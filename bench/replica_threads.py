@@ -40,36 +40,30 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from serve_latency import (  # noqa: E402
-    Bench, LeanClient, git_revision, local_serve, machine, machine_cpu, make_text, page_texts, write_result,
+    Bench, LeanClient, cpu_ms, git_revision, local_serve, machine, machine_cpu, make_text, page_texts, write_result,
 )
 
 
-def cpu_ticks(pid: int | str) -> int:
-    st = Path(f"/proc/{pid}/stat").read_text()
-    f = st[st.rindex(")") + 2 :].split()
-    return int(f[11]) + int(f[12])
-
-
 def processes() -> dict[str, tuple[int, str]]:
-    """pid -> (CPU ticks so far, command line) of every process."""
+    """pid -> (CPU ms so far, command line) of every process."""
     out = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            out[pid] = (cpu_ticks(pid), cmd[:80])
+            out[pid] = (cpu_ms(pid), cmd[:80])
         except (OSError, ValueError, IndexError):
             continue
     return out
 
 
 def threads(pid: int | str) -> dict[str, int]:
-    """tid -> CPU ticks so far of each thread of pid."""
+    """tid -> CPU ms so far of each thread of pid."""
     out = {}
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            out[tid] = cpu_ticks(f"{pid}/task/{tid}")
+            out[tid] = cpu_ms(f"{pid}/task/{tid}")  # a thread's stat reads as a process's
         except (OSError, ValueError, IndexError):
             continue
     return out
@@ -80,7 +74,6 @@ class Window:
 
     def __init__(self, engine_pids: list[int], count):
         self.engine_pids, self.count = [str(p) for p in engine_pids], count
-        self.hz = os.sysconf("SC_CLK_TCK")
 
     def __enter__(self):
         self.m0, self.p0, self.c0 = machine_cpu(), processes(), self.count()
@@ -95,17 +88,17 @@ class Window:
 
     def result(self) -> dict:
         pages = self.c1 - self.c0
-        ms = 1000 / self.hz / max(pages, 1)
-        procs = sorted(((t - self.p0[p][0]) * ms, p, cmd) for p, (t, cmd) in self.p1.items() if p in self.p0)
+        per_page = 1 / max(pages, 1)
+        procs = sorted(((t - self.p0[p][0]) * per_page, p, cmd) for p, (t, cmd) in self.p1.items() if p in self.p0)
         engine_threads = {}
         for p in self.engine_pids:
-            ticks = sorted((t - self.t0[p].get(tid, 0) for tid, t in self.t1[p].items()), reverse=True)
-            engine_threads[p] = [round(t * ms, 2) for t in ticks[:4]]
+            spent = sorted((t - self.t0[p].get(tid, 0) for tid, t in self.t1[p].items()), reverse=True)
+            engine_threads[p] = [round(t * per_page, 2) for t in spent[:4]]
         d = {k: self.m1[k] - self.m0[k] for k in self.m0}
         return {
             "pages": pages, "seconds": self.seconds, "pages_per_s": pages / self.seconds,
             "machine_busy_share": d["busy"] / max(d["all"], 1),
-            "machine_cpu_ms_per_page": d["busy"] * ms,
+            "machine_cpu_ms_per_page": d["busy"] * 1000 / os.sysconf("SC_CLK_TCK") * per_page,
             "engine_processes_cpu_ms_per_page": sum(x for x, p, _ in procs if p in self.engine_pids),
             "engine_threads_cpu_ms_per_page": engine_threads,
             "processes_cpu_ms_per_page": [{"pid": int(p), "cmd": cmd, "ms": round(x, 2)}
