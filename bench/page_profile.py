@@ -73,7 +73,7 @@ FUNCTIONS = [
     ("JSON encoding", "dumps", "json/__init__.py"),
     ("the model step (model thread)", "StepBatcher._run_batch", "serve/engine.py"),
     ("peak-memory reset and read (model thread)", "PeakMemory.reset", "serve/metrics.py"),
-    ("the checkpoint (state-io thread)", "_checkpoint", "serve/engine.py"),
+    ("the checkpoint (model thread)", "_checkpoint", "serve/engine.py"),
 ]
 
 

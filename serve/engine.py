@@ -164,12 +164,17 @@ def torch_thread(name: str, idle_s: float | None = TORCH_THREAD_IDLE_S) -> Torch
     return TorchThread(name, idle_s)
 
 
+class CheckpointFailed(RuntimeError):
+    """Checkpointing a session's new state failed (the server's fault, a 500)."""
+
+
 @dataclass
 class StepOutcome:
     logits: torch.Tensor  # (1, num_labels), on CPU
     state: Any  # bsbr_core.State
-    seconds: float  # enqueue -> result: what this page cost its request
+    seconds: float  # enqueue -> the end of its batch's step: what this page cost its request
     peak_bytes: int
+    checkpoint: tuple[bytes, bool] | None = None  # (blob, is_delta), when the step was asked for one
 
 
 @dataclass
@@ -177,6 +182,9 @@ class _StepJob:
     ids: torch.Tensor  # (1, n) long
     state: Any
     future: asyncio.Future
+    # (the state the request started from, its chain's sizes): checkpoint the new state
+    # against it on the torch thread right after the step (_checkpoint).
+    checkpoint_of: tuple[Any, list[int]] | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -207,12 +215,16 @@ class StepBatcher:
         self._queue: asyncio.Queue[_StepJob] | None = None
         self._worker: asyncio.Task | None = None
 
-    async def step(self, ids: Sequence[int], state) -> StepOutcome:
+    async def step(self, ids: Sequence[int], state, checkpoint_of: tuple[Any, list[int]] | None = None) -> StepOutcome:
+        """One step; with `checkpoint_of` (base state, its chain's sizes) the outcome
+        also carries the new state's checkpoint, made on the torch thread right after
+        the batch's step: a session page's checkpoint then costs no second trip to
+        the torch thread and back (its time is not in `seconds`)."""
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run())
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put(_StepJob(torch.tensor([list(ids)], dtype=torch.long), state, fut))
+        await self._queue.put(_StepJob(torch.tensor([list(ids)], dtype=torch.long), state, fut, checkpoint_of))
         return await fut
 
     async def _collect(self) -> list[_StepJob]:
@@ -233,32 +245,49 @@ class StepBatcher:
                 break
         return batch
 
-    def _run_batch(self, batch: list[_StepJob]) -> tuple[list, int, Exception | None]:
+    def _run_batch(self, batch: list[_StepJob]) -> tuple[list, int, Exception | None, float, list]:
         """(per job: (logits, state) or its exception, peak bytes, the
-        step_many exception if the batch fell back to one step per job)."""
+        step_many exception if the batch fell back to one step per job, the
+        time the steps ended, per job: its checkpoint or None or the exception
+        that made it)."""
+        out, fallback = self._step_batch(batch)
+        peak, stepped = self.peak.peak(), time.perf_counter()
+        checkpoints: list = []
+        for j, res in zip(batch, out):
+            blob = None
+            if j.checkpoint_of is not None and not isinstance(res, Exception):
+                try:
+                    blob = _checkpoint(res[1], *j.checkpoint_of)
+                except Exception as e:  # noqa: BLE001 - reported to that request only
+                    blob = CheckpointFailed(f"{type(e).__name__}: {e}")
+                    blob.__cause__ = e
+            checkpoints.append(blob)
+        return out, peak, fallback, stepped, checkpoints
+
+    def _step_batch(self, batch: list[_StepJob]) -> tuple[list, Exception | None]:
         self.peak.reset()
         try:
-            out = self.model.step_many([j.ids for j in batch], [j.state for j in batch])
+            return self.model.step_many([j.ids for j in batch], [j.state for j in batch]), None
         except Exception as e:  # noqa: BLE001 - find the document at fault, step by step below
             if len(batch) == 1:
-                return [e], self.peak.peak(), None
+                return [e], None
             out = []
             for j in batch:
                 try:
                     out.append(self.model.step(j.ids, j.state))
                 except Exception as e_j:  # noqa: BLE001 - reported to that request only
                     out.append(e_j)
-            return out, self.peak.peak(), e
-        return out, self.peak.peak(), None
+            return out, e
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
             try:
-                results, peak, fallback = await loop.run_in_executor(self.executor, self._run_batch, batch)
+                results, peak, fallback, stepped, checkpoints = await loop.run_in_executor(
+                    self.executor, self._run_batch, batch)
             except Exception as e:  # noqa: BLE001 - never let the worker die
-                results, peak, fallback = [e] * len(batch), 0, None
+                results, peak, fallback, stepped, checkpoints = [e] * len(batch), 0, None, 0.0, [None] * len(batch)
             if fallback is not None:
                 self.fallbacks += 1
                 self.metrics.batch_fallback()
@@ -267,15 +296,17 @@ class StepBatcher:
                                "one, %d failed", self.name, len(batch), type(fallback).__name__, fallback, failed)
             self.batches += 1
             self.batched_steps += len(batch)
-            done = time.perf_counter()
-            for job, res in zip(batch, results):
+            for job, res, blob in zip(batch, results, checkpoints):
                 if job.future.done():
                     continue
                 if isinstance(res, Exception):
                     job.future.set_exception(res)
+                elif isinstance(blob, Exception):
+                    job.future.set_exception(blob)
                 else:
                     logits, state = res
-                    job.future.set_result(StepOutcome(logits.detach().float().cpu(), state, done - job.enqueued, peak))
+                    job.future.set_result(StepOutcome(logits.detach().float().cpu(), state, stepped - job.enqueued,
+                                                      peak, blob))
 
 
 @dataclass
@@ -433,27 +464,38 @@ class Engine:
                 f"the document would have {total} tokens; model {self.name!r} accepts at most {self.max_tokens}"
             )
 
-    async def _step(self, ids: Sequence[int], state, index: int) -> StepOutcome:
+    async def _step(self, ids: Sequence[int], state, index: int,
+                    checkpoint_of: tuple[Any, list[int]] | None = None) -> StepOutcome:
         """One step through the batcher; its failures as the request's typed errors
-        (`index`: the document's page the step starts in)."""
+        (`index`: the document's page the step starts in; `checkpoint_of`: StepBatcher.step)."""
         try:
-            return await self.batcher.step(ids, state)
+            return await self.batcher.step(ids, state, checkpoint_of)
         except ServeError:
             raise
+        except CheckpointFailed as e:
+            logger.error("model %s could not checkpoint the state after page %d", self.name, index, exc_info=e)
+            raise InternalError(f"model {self.name!r} could not checkpoint the session's state") from None
         except InputError as e:  # e.g. token ids outside the model's vocabulary
             raise ValidationFailed(f"model {self.name!r} cannot read this page: {e}") from None
         except Exception as e:  # the model failed on a page it accepted: our fault
             logger.error("model %s failed on page %d (%d tokens)", self.name, index, len(ids), exc_info=e)
             raise InternalError(f"model {self.name!r} failed on this page ({type(e).__name__})") from None
 
-    async def _read(self, state, pages: list[list[int]], mode: str, first_page: int = 1):
+    async def _read(self, state, pages: list[list[int]], mode: str, first_page: int = 1,
+                    chain_bytes: list[int] | None = None):
         """Step through pages (the first is page `first_page` of its document);
-        return (logits, state, per-page ms, peak bytes)."""
-        logits, page_ms, peak = None, [], 0
+        return (logits, state, per-page ms, peak bytes, checkpoint). With
+        `chain_bytes` (the sizes of the store's chain that ends at `state`) the
+        last step also makes the new state's checkpoint against `state`
+        (_checkpoint: (blob, is_delta)); else the checkpoint is None."""
+        logits, page_ms, peak, base, checkpoint = None, [], 0, state, None
+        last = first_page + len(pages) - 1
         self.batcher.active_requests += 1
         try:
             for index, ids in enumerate(pages, start=first_page):
-                out = await self._step(ids, state, index)
+                ask = (base, chain_bytes) if chain_bytes is not None and index == last else None
+                out = await self._step(ids, state, index, ask)
+                checkpoint = out.checkpoint
                 logits, state = out.logits, out.state
                 page_ms.append(out.seconds * 1000.0)
                 peak = max(peak, out.peak_bytes)
@@ -464,7 +506,7 @@ class Engine:
         self.metrics.pages(len(pages))
         self.metrics.tokens(sum(len(p) for p in pages))
         self.metrics.peak_memory(peak)
-        return logits, state, page_ms, peak
+        return logits, state, page_ms, peak, checkpoint
 
     async def _read_segments(self, pages: list[list[int]]):
         """A whole document from a fresh state in steps of `segment_tokens`
@@ -499,7 +541,7 @@ class Engine:
         if any(token_pages):
             logits, state, page_ms, peak = await self._read_segments(token_pages)
         else:  # pages of no tokens: nothing to read, but each page is still a step of its own
-            logits, state, page_ms, peak = await self._read(self.model.init_state(1), token_pages, "oneshot")
+            logits, state, page_ms, peak, _ = await self._read(self.model.init_state(1), token_pages, "oneshot")
         return {
             "model": self.name,
             **prediction(self.labels, logits),
@@ -579,9 +621,12 @@ class Engine:
                 if repeat is not None:
                     return repeat
             self._check_length(state.num_tokens, token_pages)
-            logits, new_state, page_ms, _ = await self._read(state, token_pages, mode, num_pages + 1)
-            blob, delta = await asyncio.get_running_loop().run_in_executor(
-                self.batcher.executor, _checkpoint, new_state, state, chain_bytes)
+            logits, new_state, page_ms, _, checkpoint = await self._read(
+                state, token_pages, mode, num_pages + 1, chain_bytes)
+            if checkpoint is None:  # no step ran (no pages): made here, on the torch thread as ever
+                checkpoint = await asyncio.get_running_loop().run_in_executor(
+                    self.batcher.executor, _checkpoint, new_state, state, chain_bytes)
+            blob, delta = checkpoint
             nbytes = new_state.nbytes
             result = {
                 "session_id": session_id, "model": self.name, "seq": seq,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from bsbr_core.tokenizer import encode
+from bsbr_core.tokenizer import encode, encode_batch
 from serve.errors import EmptyDocument, InvalidEncoding
 
 FORM_FEED = "\f"
@@ -57,12 +57,10 @@ def tokenize_document(
         check_unicode(p)
     if not any(p.strip() for p in pages):
         raise EmptyDocument("every page is empty (or only whitespace)")
-    if len(pages) == 1:  # a streamed page: no thread pool for one text
-        return [tokenizer.encode(pages[0], add_special_tokens=False).ids]
-    return [enc.ids for enc in tokenizer.encode_batch(list(pages), add_special_tokens=False)]
+    return [enc.ids for enc in encode_batch(tokenizer, pages)]
 
 
 def tokenize_page(tokenizer, text: str) -> list[int]:
     """One streamed page (an NDJSON line); may be blank, unlike a document."""
     check_unicode(text)
-    return tokenizer.encode(text, add_special_tokens=False).ids
+    return encode_batch(tokenizer, [text])[0].ids

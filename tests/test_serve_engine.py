@@ -543,9 +543,9 @@ def test_one_shot_in_segments_gives_the_streaming_and_the_parallel_logits(dev_mo
     steps = []
     real = eng.batcher.step
 
-    async def counted(ids, state):
+    async def counted(ids, state, checkpoint_of=None):
         steps.append(len(ids))
-        return await real(ids, state)
+        return await real(ids, state, checkpoint_of)
 
     eng.batcher.step = counted
 
@@ -775,3 +775,48 @@ def test_a_model_failure_that_is_not_bad_input_is_an_internal_error(dev_models, 
     assert "failed on page 1" in caplog.text
     back = errors.from_wire(e.value.to_wire())
     assert type(back) is errors.InternalError and back.status == 500
+
+
+def test_a_pages_checkpoint_rides_its_step_and_a_failing_one_fails_that_request_alone(dev_models, monkeypatch, caplog):
+    """A session page's checkpoint is made on the torch thread in the same trip as
+    its step (StepBatcher.step's checkpoint_of). When making it fails for one of
+    two sessions stepped at once, that request is a 500 and applies nothing (the
+    store's seq stays, the same seq later gives the answer of a clean run), and
+    the other session's page is committed."""
+    import serve.engine as engine_mod
+
+    eng = make_engine(dev_models)
+    pages = document(3, seed=11)
+    real = engine_mod._checkpoint
+    broken: set[int] = set()
+
+    def checkpoint(new_state, base_state, chain_bytes):
+        if id(base_state) in broken:
+            raise RuntimeError("disk on fire")
+        return real(new_state, base_state, chain_bytes)
+
+    monkeypatch.setattr(engine_mod, "_checkpoint", checkpoint)
+
+    async def go():
+        a = (await eng.create_session())["session_id"]
+        b = (await eng.create_session())["session_id"]
+        await eng.append(a, 0, pages=[pages[0]])
+        await eng.append(b, 0, pages=[pages[0]])
+        broken.add(id(eng.hot[b].state))
+        ra, rb = await asyncio.gather(eng.append(a, 1, pages=[pages[1]]), eng.append(b, 1, pages=[pages[1]]),
+                                      return_exceptions=True)
+        meta_b, chain_b = await eng.store.load(b)
+        broken.clear()
+        again = await eng.append(b, 1, pages=[pages[1]])
+        meta_a, _ = await eng.store.load(a)
+        return ra, rb, meta_b, chain_b, again, meta_a
+
+    with caplog.at_level("ERROR"):
+        ra, rb, meta_b, chain_b, again, meta_a = run(go())
+    assert type(rb) is errors.InternalError and rb.status == 500 and "disk on fire" not in rb.message
+    assert "could not checkpoint" in caplog.text
+    assert meta_b["next_seq"] == 1 and len(chain_b) == 1  # nothing of the failed page was applied
+    assert not isinstance(ra, Exception) and meta_a["next_seq"] == 2
+    # a's page was batched with b's failed one, b's again alone: equal up to the packing's float error
+    assert (as_tensor(eng.labels, again["logits"]) - as_tensor(eng.labels, ra["logits"])).abs().max() < 1e-5
+    assert again["num_pages"] == ra["num_pages"] == 2
