@@ -146,14 +146,14 @@ def main() -> int:
                                                        "settle_s")},
               "code": {n: {"dir": str(d), "revision": revision(d)} for n, d in versions.items()},
               "rounds": []}
-    tmp = Path(a.out).with_suffix(".child.json")
+    tmp = Path(a.out).resolve().with_suffix(".child.json")  # the children run in their checkouts
     every: dict[str, list] = {n: [] for n in versions}
     for rnd in range(a.rounds):
         this = {}
         for name, d in versions.items():
             env = {**os.environ, "PYTHONPATH": str(d)}
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--code-dir", str(d),
-                   "--child-out", str(tmp), "--models-dir", a.models_dir, "--sessions", str(a.sessions),
+                   "--child-out", str(tmp), "--models-dir", str(Path(a.models_dir).resolve()), "--sessions", str(a.sessions),
                    "--pages", str(a.pages), "--layout", a.layout, "--topology", a.topology, "--ingress", a.ingress,
                    "--settle-s", str(a.settle_s)]
             subprocess.run(cmd, cwd=d, env=env, check=True, stdout=subprocess.DEVNULL)
