@@ -20,6 +20,11 @@ them. A child starts a local Ray and Serve as `bsbr-serve up` does, serves
 the shipped models (`--models-dir`), warms up, and reads `--sessions`
 sessions of `--pages` pages of about 512 tokens one request at a time.
 
+bench/serve_flags.py's `tree:DIR` variants also compare checkouts, through
+`bsbr-serve up` with every shipped model and its request/step ratio over one
+long session; this bench serves a layout of bench/serve_latency.py's app and
+reads many short sessions, so that page 1 gets as many samples as the rest.
+
 Per version: medians over every page and over each session's page 1 of the
 overhead, of the step and of `request / step` (issue 10's target: <= 1.5);
 per round as well. The JSON records the load average before and after.
