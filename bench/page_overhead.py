@@ -18,7 +18,8 @@ child process whose Ray runs that checkout's code (PYTHONPATH, verified in
 a Ray worker and recorded), so that a slow spell of this VM falls on all of
 them. A child starts a local Ray and Serve as `bsbr-serve up` does, serves
 the shipped models (`--models-dir`), warms up, and reads `--sessions`
-sessions of `--pages` pages of about 512 tokens one request at a time.
+sessions of `--pages` pages of about 512 tokens one request at a time,
+`--gap-s` apart (a gap of a few seconds lets a replica fall idle first).
 
 bench/serve_flags.py's `tree:DIR` variants also compare checkouts, through
 `bsbr-serve up` with every shipped model and its request/step ratio over one
@@ -89,6 +90,7 @@ def child(a) -> dict:
                     step = r.raise_for_status().json()["timing"]["page_ms"][0]
                     rows.append({"page": i + 1, "request_ms": wall, "step_ms": step})
                 c.delete(f"/v1/sessions/{sid}").raise_for_status()
+                time.sleep(a.gap_s)
         serve.delete("overhead")
     return {"served_from": served_from, "pages": rows}
 
@@ -130,6 +132,8 @@ def main() -> int:
     p.add_argument("--ingress", default="haproxy")
     p.add_argument("--models-dir", default=str(ROOT / "models"))
     p.add_argument("--settle-s", type=float, default=3.0, help="wait after the warm-up")
+    p.add_argument("--gap-s", type=float, default=0.0,
+                   help="wait after each session: its next one may find a replica idle this long")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "page_overhead.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--code-dir", help=argparse.SUPPRESS)
@@ -148,7 +152,7 @@ def main() -> int:
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
               "loadavg": {"before": list(os.getloadavg())},
               "settings": {k: getattr(a, k) for k in ("rounds", "sessions", "pages", "layout", "topology", "ingress",
-                                                       "settle_s")},
+                                                       "settle_s", "gap_s")},
               "code": {n: {"dir": str(d), "revision": revision(d)} for n, d in versions.items()},
               "rounds": []}
     tmp = Path(a.out).resolve().with_suffix(".child.json")  # the children run in their checkouts
@@ -160,7 +164,7 @@ def main() -> int:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--code-dir", str(d),
                    "--child-out", str(tmp), "--models-dir", str(Path(a.models_dir).resolve()), "--sessions", str(a.sessions),
                    "--pages", str(a.pages), "--layout", a.layout, "--topology", a.topology, "--ingress", a.ingress,
-                   "--settle-s", str(a.settle_s)]
+                   "--settle-s", str(a.settle_s), "--gap-s", str(a.gap_s)]
             subprocess.run(cmd, cwd=d, env=env, check=True, stdout=subprocess.DEVNULL)
             got = json.loads(tmp.read_text())
             tmp.unlink()
