@@ -758,9 +758,7 @@ def load_engine(
     from bsbr_core.backends import UnknownBackend, load_backend
     from bsbr_core.tokenizer import load_tokenizer
 
-    # One torch thread opens no OpenMP team, so there is none to end when idle; the
-    # thread stays, and a page that reaches an idle replica pays no thread start.
-    thread = torch_thread(name, idle_s=None if spec.torch_threads == 1 else TORCH_THREAD_IDLE_S)
+    thread = torch_thread(name)
     try:
         # On the engine's torch thread: loading copies weights in parallel regions, whose
         # OpenMP team would otherwise stay with the calling thread (module docstring).

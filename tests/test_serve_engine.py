@@ -436,20 +436,6 @@ def test_a_retired_torch_thread_changes_no_answer(dev_models):
         kept.shutdown()
 
 
-def test_only_an_engine_with_an_openmp_team_ends_its_idle_torch_thread(dev_models):
-    """torch_threads 1 opens no OpenMP team: nothing to end when idle, so that
-    engine's thread stays (idle_s None); with more threads, or the default, it ends."""
-    from serve.engine import TORCH_THREAD_IDLE_S
-
-    engines = {t: make_engine(dev_models, torch_threads=t) for t in (1, 2, None)}
-    try:
-        assert engines[1].batcher.executor.idle_s is None
-        assert engines[2].batcher.executor.idle_s == engines[None].batcher.executor.idle_s == TORCH_THREAD_IDLE_S
-    finally:
-        for eng in engines.values():
-            eng.shutdown()
-
-
 def test_a_long_text_is_tokenised_in_pieces_to_the_ids_of_one_encode(dev_models):
     """Text without form feeds goes through bsbr_core's piecewise encode (encode_batch,
     which lets go of the GIL), and its pages hold exactly the ids of one encode()."""
