@@ -635,6 +635,8 @@ class FusedApiServer(ApiServer):
 
             loop = asyncio.get_running_loop()
             self._upkeep = [loop.create_task(engine_upkeep(e)) for e in self.engines.values()]
+            # The ingress's own store client (which model owns a session) opens its connection now too.
+            self._upkeep.append(loop.create_task(self.store.warm()))
 
     def _client(self, model: str, request: Request | None = None) -> EngineClient:
         self._start_upkeep()

@@ -26,10 +26,15 @@ GAUGE_REFRESH_S = 1.0
 
 
 async def engine_upkeep(engine) -> None:
-    """Forever: expire idle hot sessions every SWEEP_INTERVAL_S; every
-    GAUGE_REFRESH_S refresh the engine's gauges (sessions active, store fill)
-    and give freed heap back when enough was freed (Engine.release_memory)."""
+    """Warm the engine up first (Engine.warm_up); then forever: expire idle hot
+    sessions every SWEEP_INTERVAL_S; every GAUGE_REFRESH_S refresh the engine's
+    gauges (sessions active, store fill) and give freed heap back when enough
+    was freed (Engine.release_memory)."""
     since_sweep = 0.0
+    try:
+        await engine.warm_up()
+    except Exception as e:  # noqa: BLE001 - a warm-up is no reason to stop the upkeep; the first page redoes it
+        logger.warning("model %s: warm-up failed (%s: %s)", engine.name, type(e).__name__, e)
     while True:
         await asyncio.sleep(GAUGE_REFRESH_S)
         since_sweep += GAUGE_REFRESH_S

@@ -288,6 +288,11 @@ class SessionStore(abc.ABC):
     @abc.abstractmethod
     async def stats(self) -> dict[str, Any]: ...
 
+    async def warm(self) -> None:
+        """Open what this event loop's first operation would open (a replica's
+        start calls it, so its first session page does not pay for it); failures
+        are left to that first operation. A no-op where nothing is opened lazily."""
+
 
 class MemorySessionStore(SessionStore):
     """The table in this process: for one replica, tests and benchmarks.
@@ -506,6 +511,14 @@ class RayActorSessionStore(SessionStore):
             raise
         finally:
             self._opening.pop(loop, None)
+
+    async def warm(self) -> None:
+        """This loop's TCP channel, opened now: the first operation of a replica
+        paid 20 ms for it (the actor's address over Ray, connect, token)."""
+        try:
+            await self._socket()
+        except Exception:  # noqa: BLE001 - the first operation tries again and answers for it
+            pass
 
     async def _call(self, op: str, *args):
         import ray

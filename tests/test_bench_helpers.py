@@ -166,9 +166,12 @@ def test_serve_latency_layouts_place_replicas_and_threads_where_the_topology_run
 def test_page_overhead_takes_medians_of_request_minus_step_over_all_pages_and_page_one():
     from page_overhead import medians
 
-    rows = [{"page": 1, "request_ms": 15.0, "step_ms": 10.0}, {"page": 2, "request_ms": 12.0, "step_ms": 8.0},
-            {"page": 3, "request_ms": 13.0, "step_ms": 10.0}, {"page": 1, "request_ms": 21.0, "step_ms": 12.0}]
+    rows = [{"session": 0, "page": 1, "request_ms": 15.0, "step_ms": 10.0},
+            {"session": 0, "page": 2, "request_ms": 12.0, "step_ms": 8.0},
+            {"session": 0, "page": 3, "request_ms": 13.0, "step_ms": 10.0},
+            {"session": 1, "page": 1, "request_ms": 21.0, "step_ms": 12.0}]
     m = medians(rows)
+    assert m["first_session_page_1"]["n"] == 1 and m["first_session_page_1"]["overhead_ms"] == 5.0
     assert m["all"]["n"] == 4 and m["page_1"]["n"] == 2
     assert m["all"]["overhead_ms"] == 4.5  # median of 5, 4, 3, 9
     assert m["page_1"]["overhead_ms"] == 7.0 and m["page_1"]["step_ms"] == 11.0

@@ -820,3 +820,35 @@ def test_a_pages_checkpoint_rides_its_step_and_a_failing_one_fails_that_request_
     # a's page was batched with b's failed one, b's again alone: equal up to the packing's float error
     assert (as_tensor(eng.labels, again["logits"]) - as_tensor(eng.labels, ra["logits"])).abs().max() < 1e-5
     assert again["num_pages"] == ra["num_pages"] == 2
+
+
+def test_warm_up_runs_a_pages_torch_work_and_keeps_nothing(dev_models, monkeypatch):
+    """Engine.warm_up (a replica's start): a step, its checkpoint and a restore on the
+    torch thread, then the store's warm; no session, no hot state, no page counted."""
+    import threading
+
+    import serve.engine as engine_mod
+
+    eng = make_engine(dev_models)
+    ran: list[str] = []
+    warmed: list[bool] = []
+    real = engine_mod._checkpoint
+
+    def checkpoint(*a):
+        ran.append(threading.current_thread().name.rsplit("_", 1)[0])
+        return real(*a)
+
+    async def warm():
+        warmed.append(True)
+
+    monkeypatch.setattr(engine_mod, "_checkpoint", checkpoint)
+    monkeypatch.setattr(eng.store, "warm", warm)
+
+    async def go():
+        await eng.warm_up()
+        return await eng.store.stats()
+
+    stats = run(go())
+    assert ran == ["torch-bsbr"] and warmed == [True]
+    assert stats["sessions"] == 0 and not eng.hot and eng.batcher.batches == 0
+    eng.shutdown()

@@ -276,3 +276,24 @@ def test_a_store_actor_of_an_older_bsbr_serve_is_used_over_ray_calls(ray_local, 
         assert ray.get(old.call.remote("stats"))["ok"]["sessions"] == 1  # the old actor holds it
     finally:
         ray.kill(old, no_restart=True)
+
+
+def test_warm_opens_this_loops_channel_before_any_operation(ray_local):  # noqa: F811
+    """SessionStore.warm (a replica's start, Engine.warm_up): the channel is open
+    before the first operation, which then uses it; with the ray channel it opens nothing."""
+    s, over_ray = _store(), _store(channel="ray")
+    try:
+        async def go():
+            assert not s._channels
+            await s.warm()
+            ch = s._channels.get(asyncio.get_running_loop())
+            assert ch is not None and not ch.closed
+            await s.create("s", "bsbr", 60)
+            assert await s._socket() is ch
+            await over_ray.warm()
+            assert not over_ray._channels
+
+        run(go())
+    finally:
+        _kill(s)
+        _kill(over_ray)
