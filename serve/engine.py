@@ -621,12 +621,10 @@ class Engine:
                 if repeat is not None:
                     return repeat
             self._check_length(state.num_tokens, token_pages)
-            logits, new_state, page_ms, _, checkpoint = await self._read(
+            # A request holds at least one page (tokenize_document refuses none), so its
+            # last step made the checkpoint.
+            logits, new_state, page_ms, _, (blob, delta) = await self._read(
                 state, token_pages, mode, num_pages + 1, chain_bytes)
-            if checkpoint is None:  # no step ran (no pages): made here, on the torch thread as ever
-                checkpoint = await asyncio.get_running_loop().run_in_executor(
-                    self.batcher.executor, _checkpoint, new_state, state, chain_bytes)
-            blob, delta = checkpoint
             nbytes = new_state.nbytes
             result = {
                 "session_id": session_id, "model": self.name, "seq": seq,
