@@ -37,6 +37,11 @@ Variants (`--variants`, default `without,with`):
 - `omp_active`: `with` and OMP_WAIT_POLICY=ACTIVE GOMP_SPINCOUNT=300000:
   libgomp's spin-wait as by default, but its throttled spin (a process
   with more OpenMP threads than cores) at 1000 spins instead of 100;
+- `hap_lean`: `with`, and HAProxy without its per-request metrics log
+  (RAY_SERVE_HAPROXY_METRICS_ENABLED=0: Serve's HAProxy manager, a Python
+  actor, parses one syslog line per request into serve_num_http_*) on 1
+  thread instead of 4 (RAY_SERVE_HAPROXY_NBTHREAD=1); `hap_nometrics` and
+  `hap_1thread` each alone;
 - `tree:DIR`: `with`'s settings, but the server runs the bsbr-serve code of
   the checkout DIR (e.g. `git worktree add /tmp/before fea107c`): a code A/B,
   as `--variants tree:/tmp/before,with` (bench/results/serve_flags_torch_thread.json
@@ -81,6 +86,13 @@ VARIANTS = {
     # cores gets: a fused replica's one team per model) at 1000 spins instead of 100; the
     # unthrottled spin stays at its default of 300000 (docs/architecture.md 3.9).
     "omp_active": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "300000"},
+    # `with` and HAProxy (--ingress haproxy) without its per-request metrics (a syslog line per
+    # request that Serve's HAProxy manager, a Python actor, parses into serve_num_http_* metrics)
+    # and with 1 thread instead of Serve's 4 on this 2-core machine.
+    "hap_lean": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+                 "RAY_SERVE_HAPROXY_NBTHREAD": "1"},
+    "hap_nometrics": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"},
+    "hap_1thread": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_HAPROXY_NBTHREAD": "1"},
 }
 
 

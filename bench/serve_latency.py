@@ -45,7 +45,14 @@ torch threads each (in fused the ingress's replicas, which hold the models;
 in split each model's), under `servers.<name> RxT`; by default one replica
 with every core for torch. On 2 cores, `1x2` against `2x1` is one process
 whose OpenMP team spans both cores against two that use one each
-(README, "Replicas and threads").
+(README, "Replicas and threads"). `RxT/O` also reads one-shot documents on O
+torch threads (ModelSpec.oneshot_torch_threads): `2x1/2` is two replicas of
+one thread whose one-shot classifies use both cores.
+
+Page 1 is also measured over `--page1-sessions` (12) more sessions of 2
+pages each, one after the other (`page1_sessions`: the median of their page
+1's request over step): the streamed documents give only `--stream-repeats`
+samples of it.
 
 The JSON records the load average before and after the run (`loadavg`):
 figures taken on a loaded machine are only comparable side by side.
@@ -364,10 +371,11 @@ class Bench:
         default one replica with every core for torch. In split the replicas are each
         model's, in fused the ingress deployment's (which holds the models)."""
         cpus = os.cpu_count() or 2
-        replicas, threads = layout or (1, cpus)
+        replicas, threads, oneshot = layout or (1, cpus, None)
         max_tokens = (self.args.stream_pages + 8) * self.args.page_tokens
         common = {"page_tokens": self.args.page_tokens, "max_tokens": max(max_tokens, 110 * self.args.page_tokens),
                   "torch_threads": threads, "ray_actor_options": {"num_cpus": 1}, "max_batch_size": 16,
+                  **({"oneshot_torch_threads": oneshot} if oneshot else {}),
                   **({"num_replicas": replicas} if topology == "split" else {})}
         return {
             "models": [{"name": n, "path": str(root / n), **common} for n in ("bsbr", "standard")],
@@ -566,6 +574,9 @@ class Bench:
                 out.setdefault("oneshot", {})[m] = {str(n): self.oneshot(c, m, all_pages[:n]) for n in (10, 100)}
                 print(f"[{m}] {a.stream_repeats} streamed documents, {a.stream_pages} pages", flush=True)
                 out.setdefault("stream", {})[m] = self.streams(c, m, all_pages[: a.stream_pages])
+                if a.page1_sessions:
+                    print(f"[{m}] page 1 of {a.page1_sessions} more sessions", flush=True)
+                    out.setdefault("page1_sessions", {})[m] = self.page1_sessions(c, m, all_pages, a.page1_sessions)
         for m in a.models:
             print(f"[{m}] throughput 1 vs 8 concurrent sessions", flush=True)
             out.setdefault("throughput_http", {})[m] = {str(k): self.http_throughput(url, m, docs, k) for k in (1, 8)}
@@ -575,6 +586,24 @@ class Bench:
             http8 = out["throughput_http"][m]["8"]["pages_per_s"]
             eng8 = self.results["throughput_engine"][m]["8"]["pages_per_s"]
             out.setdefault("http_over_engine", {})[m] = http8 / eng8
+        return out
+
+    def page1_sessions(self, c, model: str, pages: list[str], n: int) -> dict:
+        """`n` sessions of 2 pages, one after the other (each a new session, as a
+        streamed document's page 1 is): the median over them of page 1's step,
+        request and request over step (and page 2's, for comparison)."""
+        import statistics
+
+        rows = []
+        for k in range(n):
+            r = self.stream(c, model, [pages[(2 * k) % len(pages)], pages[(2 * k + 1) % len(pages)]])
+            rows.append([(q, s) for q, s in zip(r["request_ms"], r["page_ms"])])
+        out = {"sessions": n}
+        for i in (0, 1):
+            req, step = [row[i][0] for row in rows], [row[i][1] for row in rows]
+            out[str(i + 1)] = {"page_ms": statistics.median(step), "request_ms": statistics.median(req),
+                               "request_over_step": statistics.median(q / s for q, s in zip(req, step)),
+                               "runs_request_over_step": [q / s for q, s in zip(req, step)]}
         return out
 
     def streams(self, c, model: str, pages: list[str]) -> dict:
@@ -631,13 +660,14 @@ class Bench:
                 for topo, layout in [(t, lay) for t in a.topologies for lay in a.layouts]:
                     name = topo if ingress == "serve" else f"{topo}+{ingress}"
                     if layout is not None:
-                        name += f" {layout[0]}x{layout[1]}"
+                        name += f" {layout[0]}x{layout[1]}" + (f"/{layout[2]}" if layout[2] else "")
                     print(f"== {name}", flush=True)
                     self.replicas = layout[0] if layout else 1
                     serve.run(build_app(self.app_args(root, topo, layout)), name=f"bench-{topo}", route_prefix="/")
                     self.results.setdefault("servers", {})[name] = {
                         "topology": topo, "ingress": ingress,
                         "replicas": self.replicas, "torch_threads": layout[1] if layout else os.cpu_count() or 2,
+                        "oneshot_torch_threads": (layout[2] if layout else None) or None,
                         **self.server(f"http://127.0.0.1:{port}", all_pages, docs)}
                     serve.delete(f"bench-{topo}")
         self.results["loadavg"]["after"] = list(os.getloadavg())
@@ -654,7 +684,7 @@ def summary(r: dict) -> str:
     lines.append(f"HTTP client: {', '.join(sorted(clients)) or '-'}")
     lines.append(f"{'':<28}{'1-shot 10p ms':>14}{'1-shot 100p ms':>15}{'in-proc ms':>11}{'1shot/inp':>10}"
                  f"{'p1 step':>8}{'p50 step':>9}{'p200 step':>10}"
-                 f"{'p1 req':>7}{'p50 req':>8}{'p200 req':>9}{'req/step p1':>12}{'p200':>6}"
+                 f"{'p1 req':>7}{'p50 req':>8}{'p200 req':>9}{'req/step p1':>12}{'p1 n':>6}{'p200':>6}"
                  f"{'1 sess p/s':>11}{'8 sess p/s':>11}{'engine 8':>9}{'http/eng':>9}")
     for topo, srv in r.get("servers", {}).items():
         for m in srv.get("oneshot", {}):
@@ -668,12 +698,14 @@ def summary(r: dict) -> str:
                 return f"{at[k]['request_over_step']:.2f}" if k in at else "-"
 
             inp = r.get("oneshot_inprocess", {}).get(m, {}).get("ms")
+            s1 = srv.get("page1_sessions", {}).get(m)
+            p1n = f"{s1['1']['request_over_step']:.2f}" if s1 else "-"
             over = srv.get("oneshot_over_inprocess", {}).get(m)
             eng8 = r["throughput_engine"][m]["8"]["pages_per_s"]
             lines.append(f"{m + ' ' + topo:<28}{o['10']['http_ms']:>14.0f}{o['100']['http_ms']:>15.0f}"
                          f"{(f'{inp:.0f}' if inp else '-'):>11}{(f'{over:.2f}' if over else '-'):>10}{g('1', 'page_ms'):>8}"
                          f"{g('50', 'page_ms'):>9}{g('200', 'page_ms'):>10}{g('1', 'request_ms'):>7}{g('50', 'request_ms'):>8}"
-                         f"{g('200', 'request_ms'):>9}{ratio('1'):>12}{ratio('200'):>6}"
+                         f"{g('200', 'request_ms'):>9}{ratio('1'):>12}{p1n:>6}{ratio('200'):>6}"
                          f"{t['1']['pages_per_s']:>11.2f}{t['8']['pages_per_s']:>11.2f}{eng8:>9.2f}"
                          f"{srv['http_over_engine'][m]:>9.2f}")
     return "\n".join(lines)
@@ -807,6 +839,13 @@ def profile_summary_one(r: dict) -> str:
     return "\n".join(lines)
 
 
+def parse_layout(s: str) -> tuple[int, int, int | None]:
+    """"RxT" or "RxT/O" -> (replicas, torch threads, one-shot threads or None)."""
+    rt, _, o = s.partition("/")
+    r, t = (int(x) for x in rt.split("x"))
+    return r, t, int(o) if o else None
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default=None)
@@ -826,8 +865,11 @@ def main() -> int:
                    help="serve: Serve's Python HTTP proxy; haproxy: Serve's HAProxy ingress (bsbr-serve up --ingress); "
                         "each in a Ray of its own, every topology in it")
     p.add_argument("--layouts", default="",
-                   help="comma-separated RxT: serve each topology with R replicas of T torch threads each "
-                        "(fused: the ingress's replicas, split: each model's); default one replica with every core")
+                   help="comma-separated RxT or RxT/O: serve each topology with R replicas of T torch threads each "
+                        "(fused: the ingress's replicas, split: each model's), one-shots on O threads; "
+                        "default one replica with every core")
+    p.add_argument("--page1-sessions", type=int, default=12,
+                   help="more sessions of 2 pages for the page-1 figure (`page1_sessions`)")
     p.add_argument("--stream-repeats", type=int, default=3, help="streamed documents per model (medians)")
     p.add_argument("--repeats", type=int, default=3, help="throughput runs (the best of them, engine and HTTP alike)")
     p.add_argument("--client", choices=("lean", "httpx"), default="lean",
@@ -837,7 +879,7 @@ def main() -> int:
     a = p.parse_args()
     a.topologies = [t for t in a.topologies.split(",") if t]
     a.ingresses = [i for i in a.ingresses.split(",") if i]
-    a.layouts = [tuple(int(x) for x in lay.split("x")) for lay in a.layouts.split(",") if lay] or [None]
+    a.layouts = [parse_layout(lay) for lay in a.layouts.split(",") if lay] or [None]
     if a.cpu_profile:
         out = Path(a.out if a.out != p.get_default("out") else ROOT / "bench" / "results" / "serve_cpu_profile.json")
         r = cpu_profile(a)

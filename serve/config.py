@@ -65,6 +65,11 @@ class ModelSpec(_Strict):
         default=4096, ge=1,
         description="a one-shot classify reads its document in steps of this many tokens, not page by page")
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default from num_cpus")
+    oneshot_torch_threads: int | None = Field(
+        default=None, ge=1,
+        description="torch intra-op threads of a one-shot classify's steps (default: torch_threads; torch "
+                    "backend only): on CPU, replicas of one thread each can read a long one-shot document "
+                    "with every core of the machine (docs/architecture.md 3.9)")
     # Serve deployment options (a Serve config YAML's `deployments:` can override them too).
     num_replicas: int | Literal["auto"] | None = 1
     autoscaling_config: dict[str, Any] | None = None

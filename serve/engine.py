@@ -48,7 +48,10 @@ several engines, hence several teams while they work: a long step of one
 model never holds up another model's pages. An engine's thread ends after
 TORCH_THREAD_IDLE_S without work, so an idle model's team does not throttle
 a busy one's; `bsbr-serve up`'s libgomp settings (serve.cli.RAY_ENV_DEFAULTS)
-soften the throttle where both are busy.
+soften the throttle where both are busy. The torch thread's team size is set
+by the batcher (torch_threads), and a one-shot classify's steps may ask for
+a bigger one (ModelSpec.oneshot_torch_threads): on CPU, replicas of one
+thread each then read a lone long document with every core.
 """
 from __future__ import annotations
 
@@ -185,6 +188,8 @@ class _StepJob:
     # (the state the request started from, its chain's sizes): checkpoint the new state
     # against it on the torch thread right after the step (_checkpoint).
     checkpoint_of: tuple[Any, list[int]] | None = None
+    # torch intra-op threads this step wants (None: the batcher's base_threads).
+    threads: int | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -200,8 +205,13 @@ class StepBatcher:
     """
 
     def __init__(self, model, max_batch_size: int = 16, batch_wait_s: float = 0.002, peak: PeakMemory | None = None,
-                 metrics: EngineMetrics | None = None, name: str = "", executor: Executor | None = None):
+                 metrics: EngineMetrics | None = None, name: str = "", executor: Executor | None = None,
+                 base_threads: int | None = None):
+        """`base_threads`: the torch thread's intra-op threads for a batch whose
+        steps ask for none (`step(threads=)`); None: its count is never set here."""
         self.model = model
+        self.base_threads = base_threads
+        self._threads = threading.local()  # the torch thread's count as last set here
         self.name = name
         self.max_batch_size = max_batch_size
         self.batch_wait_s = batch_wait_s
@@ -215,17 +225,34 @@ class StepBatcher:
         self._queue: asyncio.Queue[_StepJob] | None = None
         self._worker: asyncio.Task | None = None
 
-    async def step(self, ids: Sequence[int], state, checkpoint_of: tuple[Any, list[int]] | None = None) -> StepOutcome:
+    async def step(self, ids: Sequence[int], state, checkpoint_of: tuple[Any, list[int]] | None = None,
+                   threads: int | None = None) -> StepOutcome:
         """One step; with `checkpoint_of` (base state, its chain's sizes) the outcome
         also carries the new state's checkpoint, made on the torch thread right after
         the batch's step: a session page's checkpoint then costs no second trip to
-        the torch thread and back (its time is not in `seconds`)."""
+        the torch thread and back (its time is not in `seconds`). `threads`: the
+        torch intra-op threads the step's batch runs with (the most any of its
+        steps asks for; those that ask for none count as `base_threads`)."""
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run())
         fut = asyncio.get_running_loop().create_future()
-        await self._queue.put(_StepJob(torch.tensor([list(ids)], dtype=torch.long), state, fut, checkpoint_of))
+        await self._queue.put(_StepJob(torch.tensor([list(ids)], dtype=torch.long), state, fut, checkpoint_of,
+                                       threads))
         return await fut
+
+    def _set_threads(self, batch: list[_StepJob]) -> None:
+        """On the torch thread: its OpenMP team's size for this batch. libgomp keeps
+        the size per thread (torch.set_num_threads here touches no other engine's
+        thread), and a new torch thread (TorchThread retires idle ones) starts
+        unset here, so it is set before its first batch."""
+        asked = [j.threads for j in batch if j.threads is not None]
+        if not asked and self.base_threads is None:
+            return
+        want = max(asked + ([self.base_threads] if self.base_threads is not None else []))
+        if getattr(self._threads, "n", None) != want:
+            torch.set_num_threads(want)
+            self._threads.n = want
 
     async def _collect(self) -> list[_StepJob]:
         q = self._queue
@@ -250,6 +277,7 @@ class StepBatcher:
         step_many exception if the batch fell back to one step per job, the
         time the steps ended, per job: its checkpoint or None or the exception
         that made it)."""
+        self._set_threads(batch)
         out, fallback = self._step_batch(batch)
         peak, stepped = self.peak.peak(), time.perf_counter()
         checkpoints: list = []
@@ -412,8 +440,19 @@ class Engine:
         vocab = tokenizer.get_vocab_size()
         if vocab > self.cfg.vocab_size:
             raise ValueError(f"{name}: tokenizer has {vocab} ids but the model only {self.cfg.vocab_size}")
+        # The torch thread's intra-op threads, set by the batcher when a batch needs another
+        # count than the last: torch_threads (else this process's count), a one-shot's steps
+        # ModelSpec.oneshot_torch_threads. Set, not inherited: torch.set_num_threads also
+        # changes the count a thread that has not run torch yet starts with, and a torch
+        # thread is new after each idle spell (TorchThread).
+        base_threads = self.oneshot_threads = None
+        if spec.backend == "torch":
+            base_threads = spec.torch_threads or torch.get_num_threads()
+            if spec.oneshot_torch_threads not in (None, base_threads):
+                self.oneshot_threads = spec.oneshot_torch_threads
         self.batcher = StepBatcher(model, spec.max_batch_size, spec.batch_wait_ms / 1000.0,
-                                   metrics=self.metrics, name=name, executor=torch_executor)
+                                   metrics=self.metrics, name=name, executor=torch_executor,
+                                   base_threads=base_threads)
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="state-io")  # malloc_trim
         self.text = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{name}")  # _tokenized
         self.tokenize_inline_chars = TOKENIZE_INLINE_CHARS
@@ -465,11 +504,11 @@ class Engine:
             )
 
     async def _step(self, ids: Sequence[int], state, index: int,
-                    checkpoint_of: tuple[Any, list[int]] | None = None) -> StepOutcome:
+                    checkpoint_of: tuple[Any, list[int]] | None = None, threads: int | None = None) -> StepOutcome:
         """One step through the batcher; its failures as the request's typed errors
-        (`index`: the document's page the step starts in; `checkpoint_of`: StepBatcher.step)."""
+        (`index`: the document's page the step starts in; `checkpoint_of`, `threads`: StepBatcher.step)."""
         try:
-            return await self.batcher.step(ids, state, checkpoint_of)
+            return await self.batcher.step(ids, state, checkpoint_of, threads)
         except ServeError:
             raise
         except CheckpointFailed as e:
@@ -519,7 +558,8 @@ class Engine:
         self.batcher.active_requests += 1
         try:
             for lo in range(0, len(flat), seg):
-                out = await self._step(flat[lo : lo + seg], state, bisect.bisect_right(starts, lo))
+                out = await self._step(flat[lo : lo + seg], state, bisect.bisect_right(starts, lo),
+                                       threads=self.oneshot_threads)
                 logits, state = out.logits, out.state
                 seg_ms.append(out.seconds * 1000.0)
                 peak = max(peak, out.peak_bytes)

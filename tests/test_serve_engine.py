@@ -543,9 +543,9 @@ def test_one_shot_in_segments_gives_the_streaming_and_the_parallel_logits(dev_mo
     steps = []
     real = eng.batcher.step
 
-    async def counted(ids, state, checkpoint_of=None):
+    async def counted(ids, state, checkpoint_of=None, threads=None):
         steps.append(len(ids))
-        return await real(ids, state, checkpoint_of)
+        return await real(ids, state, checkpoint_of, threads)
 
     eng.batcher.step = counted
 
@@ -566,6 +566,82 @@ def test_one_shot_in_segments_gives_the_streaming_and_the_parallel_logits(dev_mo
     assert one["num_pages"] == 40 and len(one["timing"]["per_page_ms"]) == 40
     assert all(ms > 0 for ms in one["timing"]["per_page_ms"])
     assert sum(one["timing"]["per_page_ms"]) <= one["timing"]["total_ms"]
+
+
+def test_a_one_shot_steps_on_its_own_torch_threads_and_sessions_on_the_engines(dev_models):
+    """oneshot_torch_threads: a one-shot classify's batches run with that many
+    torch threads, a session's pages with torch_threads, on the one torch
+    thread, whose count is set back after the one-shot; the answers are the
+    model's. Another thread's count is left alone (libgomp keeps it per thread)."""
+    import threading
+
+    seen: list[tuple[int, int]] = []  # (steps in the batch, the torch thread's count)
+    here = torch.get_num_threads()
+    eng = make_engine(dev_models, "bsbr", torch_threads=1, oneshot_torch_threads=2, oneshot_segment_tokens=128)
+    real = eng.model.step_many
+
+    def recording(ids, states):
+        seen.append((len(ids), torch.get_num_threads()))
+        return real(ids, states)
+
+    eng.model.step_many = recording
+    pages = document(12, words_per_page=20, seed=3)
+    ref = one_shot_logits(eng, pages).double()
+
+    async def go():
+        sid = (await eng.create_session())["session_id"]
+        first = await eng.append(sid, 0, pages=pages[:1])
+        n_session = len(seen)
+        one = await eng.classify(pages=pages)
+        n_one = len(seen) - n_session
+        for i, p in enumerate(pages[1:], start=1):
+            last = await eng.append(sid, i, pages=[p])
+        return first, one, n_session, n_one, last
+
+    try:
+        first, one, n_session, n_one, last = run(go())
+    finally:
+        eng.shutdown()
+        torch.set_num_threads(here)  # the count a new thread starts with, as the other tests expect
+    assert n_one > 1 and [t for _, t in seen[n_session:n_session + n_one]] == [2] * n_one
+    assert [t for _, t in seen[:n_session]] == [1] * n_session
+    assert [t for _, t in seen[n_session + n_one:]] == [1] * (len(pages) - 1)
+    assert torch.get_num_threads() == here and threading.current_thread() is threading.main_thread()
+    assert (as_tensor(eng.labels, one["logits"]) - ref).abs().max() <= 1e-4
+    assert (as_tensor(eng.labels, last["logits"]) - ref).abs().max() <= 1e-4
+    assert first["num_pages"] == 1 and last["num_pages"] == one["num_pages"] == 12
+
+
+def test_the_torch_threads_count_is_set_by_a_threads_first_batch_and_on_changes_only(dev_models, monkeypatch):
+    """A new torch thread (each after an idle spell) sets its count before its first
+    batch, whatever count torch would start it with; later batches set nothing
+    while the count they want stays the same."""
+    here = torch.get_num_threads()
+    eng = make_engine(dev_models, "bsbr", oneshot_torch_threads=here)  # the same as the engine's
+    eng.batcher.executor.idle_s = 0.2
+    calls = []
+    real = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    pages = document(3, seed=2)
+
+    async def go():
+        await eng.classify(pages=pages)
+        sid = (await eng.create_session())["session_id"]
+        for i, p in enumerate(pages):
+            await eng.append(sid, i, pages=[p])
+        before = list(calls)
+        deadline = time.monotonic() + 10
+        while eng.batcher.executor.retired == 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await eng.classify(pages=pages)  # on a new thread
+        return before
+
+    try:
+        before = run(go())
+    finally:
+        eng.shutdown()
+    assert eng.oneshot_threads is None and eng.batcher.base_threads == here
+    assert before == [here] and eng.batcher.executor.retired >= 1 and calls == [here, here]
 
 
 @pytest.mark.parametrize("name", ["bsbr", "standard"])
