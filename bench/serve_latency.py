@@ -371,7 +371,7 @@ class Bench:
         default one replica with every core for torch. In split the replicas are each
         model's, in fused the ingress deployment's (which holds the models)."""
         cpus = os.cpu_count() or 2
-        replicas, threads, oneshot = layout or (1, cpus, None)
+        replicas, threads, oneshot = (*layout, None)[:3] if layout else (1, cpus, None)  # (R, T) or (R, T, O)
         max_tokens = (self.args.stream_pages + 8) * self.args.page_tokens
         common = {"page_tokens": self.args.page_tokens, "max_tokens": max(max_tokens, 110 * self.args.page_tokens),
                   "torch_threads": threads, "ray_actor_options": {"num_cpus": 1}, "max_batch_size": 16,
