@@ -80,13 +80,15 @@ def _with_topology(app_args: dict[str, Any], topology: str | None) -> dict[str, 
     return {**app_args, "topology": topology} if topology else app_args
 
 
-def _with_layout(app_args: dict[str, Any], replicas: int | None, torch_threads: int | None) -> dict[str, Any]:
-    """`up --replicas N --torch-threads T` over the config: N replicas of what holds
-    the models (fused: the ingress deployment; split: each model's deployment,
-    whose autoscaling it replaces) and T torch threads in each model's engine.
-    The models under models_dir are listed explicitly first, so both apply to them.
-    Without either flag the args are returned as they are."""
-    if replicas is None and torch_threads is None:
+def _with_layout(app_args: dict[str, Any], replicas: int | None, torch_threads: int | None,
+                 oneshot_threads: int | None = None) -> dict[str, Any]:
+    """`up --replicas N --torch-threads T --oneshot-threads O` over the config: N
+    replicas of what holds the models (fused: the ingress deployment; split: each
+    model's deployment, whose autoscaling it replaces), T torch threads in each
+    model's engine, O for its one-shot classifies. The models under models_dir are
+    listed explicitly first, so the flags apply to them. Without any flag the args
+    are returned as they are."""
+    if replicas is None and torch_threads is None and oneshot_threads is None:
         return app_args
     from serve.config import AppConfig
 
@@ -96,6 +98,8 @@ def _with_layout(app_args: dict[str, Any], replicas: int | None, torch_threads: 
         update: dict[str, Any] = {}
         if torch_threads is not None:
             update["torch_threads"] = torch_threads
+        if oneshot_threads is not None:
+            update["oneshot_torch_threads"] = oneshot_threads
         if replicas is not None and cfg.topology == "split":
             update.update(num_replicas=replicas, autoscaling_config=None)
         models.append(m.model_copy(update=update))
@@ -106,8 +110,10 @@ def _with_layout(app_args: dict[str, Any], replicas: int | None, torch_threads: 
 
 
 def _up_app_args(args: argparse.Namespace) -> dict[str, Any]:
-    """build_app's args as `up`'s flags make them: --config or --models-dir, then --topology, --replicas, --torch-threads."""
-    return _with_layout(_with_topology(load_app_args(args), args.topology), args.replicas, args.torch_threads)
+    """build_app's args as `up`'s flags make them: --config or --models-dir, then --topology, --replicas,
+    --torch-threads, --oneshot-threads."""
+    return _with_layout(_with_topology(load_app_args(args), args.topology), args.replicas, args.torch_threads,
+                        args.oneshot_threads)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -665,6 +671,9 @@ def build_parser(library: bool = True) -> argparse.ArgumentParser:
                     help="torch threads of each model (default: the config's, else its num_cpus); on a small "
                          "machine, more replicas of 1 thread read concurrent sessions faster and one "
                          "document slower (README, \"Replicas and threads\")")
+    up.add_argument("--oneshot-threads", type=_positive_int, default=None,
+                    help="torch threads of each model's one-shot classifies (default: --torch-threads): e.g. "
+                         "--replicas 2 --torch-threads 1 --oneshot-threads 2 on 2 cores")
     up.add_argument("--num-cpus", type=int, default=None, help="CPUs Ray schedules with (default: enough for the replicas)")
     up.add_argument("--object-store-mb", type=int, default=512, help="Ray object store size (MiB)")
     up.set_defaults(func=cmd_up)

@@ -150,11 +150,16 @@ def test_serve_latency_layouts_place_replicas_and_threads_where_the_topology_run
     from serve.config import AppConfig
     from serve_latency import Bench
 
+    from serve_latency import parse_layout
+
+    assert parse_layout("2x1") == (2, 1, None) and parse_layout("2x1/2") == (2, 1, 2)
     bench = Bench(argparse.Namespace(stream_pages=200, page_tokens=512))
-    for layout, (replicas, threads) in [((2, 1), (2, 1)), (None, (1, os.cpu_count() or 2))]:
+    for layout, (replicas, threads, oneshot) in [((2, 1), (2, 1, None)), ((2, 1, 2), (2, 1, 2)),
+                                                 (None, (1, os.cpu_count() or 2, None))]:
         cfg = AppConfig.model_validate(bench.app_args(tmp_path, topology, layout))
         assert cfg.topology == topology
         assert [m.torch_threads for m in cfg.models] == [threads, threads]
+        assert [m.oneshot_torch_threads for m in cfg.models] == [oneshot, oneshot]
         if topology == "split":
             assert [m.num_replicas for m in cfg.models] == [replicas, replicas]
             assert cfg.ingress.num_replicas == 1

@@ -297,6 +297,10 @@ def test_up_replicas_and_torch_threads_go_to_what_holds_the_models(models_dir, t
     cfg = AppConfig.model_validate(args)
     assert [m.name for m in cfg.models] == ["bsbr", "standard"]
     assert [m.torch_threads for m in cfg.models] == [1, 1]
+    assert [m.oneshot_torch_threads for m in cfg.models] == [None, None]
+    with_oneshot = AppConfig.model_validate(_up_app_args(build_parser().parse_args(
+        base + ["--replicas", "2", "--torch-threads", "1", "--oneshot-threads", "2"])))
+    assert [(m.torch_threads, m.oneshot_torch_threads) for m in with_oneshot.models] == [(1, 2), (1, 2)]
     if topology == "fused":
         assert cfg.ingress.num_replicas == 2 and [m.num_replicas for m in cfg.models] == [1, 1]
         assert _needed_cpus(args) == 2  # each fused replica asks for the most CPUs of any model (1)
@@ -324,7 +328,7 @@ def test_up_replicas_replace_a_models_autoscaling_and_keep_the_rest_of_the_confi
     assert cfg.sessions.ttl_s == 120 and cfg.topology == "split"
 
 
-@pytest.mark.parametrize("flag", ["--replicas", "--torch-threads"])
+@pytest.mark.parametrize("flag", ["--replicas", "--torch-threads", "--oneshot-threads"])
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
 def test_up_refuses_a_replica_or_thread_count_below_one(flag, value, capsys):
     from serve.cli import build_parser
