@@ -67,9 +67,9 @@ class ModelSpec(_Strict):
     torch_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads; default from num_cpus")
     oneshot_torch_threads: int | None = Field(
         default=None, ge=1,
-        description="torch intra-op threads of a one-shot classify's steps while it is the only document "
-                    "its engine reads (default: torch_threads; torch backend only): on CPU, replicas of one "
-                    "thread each can read a lone long one-shot document with every core (docs/architecture.md 3.9)")
+        description="torch intra-op threads of a one-shot classify's steps (default: torch_threads; torch "
+                    "backend only): on CPU, replicas of one thread each can read a lone long one-shot document "
+                    "with every core, at a cost in throughput under load (docs/architecture.md 3.9)")
     # Serve deployment options (a Serve config YAML's `deployments:` can override them too).
     num_replicas: int | Literal["auto"] | None = 1
     autoscaling_config: dict[str, Any] | None = None

@@ -50,9 +50,9 @@ TORCH_THREAD_IDLE_S without work, so an idle model's team does not throttle
 a busy one's; `bsbr-serve up`'s libgomp settings (serve.cli.RAY_ENV_DEFAULTS)
 soften the throttle where both are busy. The torch thread's team size is set
 by the batcher (torch_threads), and a one-shot classify's steps may ask for
-a bigger one (ModelSpec.oneshot_torch_threads) while it is the only document
-the engine reads: on CPU, replicas of one thread each then read a lone long
-document with every core.
+a bigger one (ModelSpec.oneshot_torch_threads): on CPU, replicas of one
+thread each then read a lone long document with every core (and compete for
+cores with each other's pages under load: README, "Replicas and threads").
 """
 from __future__ import annotations
 
@@ -559,12 +559,8 @@ class Engine:
         self.batcher.active_requests += 1
         try:
             for lo in range(0, len(flat), seg):
-                # More threads only while this is the one document the engine reads: beside
-                # other documents they would compete for the same cores (README, "Replicas
-                # and threads": a mixed load lost throughput with them).
-                alone = self.batcher.active_requests == 1
                 out = await self._step(flat[lo : lo + seg], state, bisect.bisect_right(starts, lo),
-                                       threads=self.oneshot_threads if alone else None)
+                                       threads=self.oneshot_threads)
                 logits, state = out.logits, out.state
                 seg_ms.append(out.seconds * 1000.0)
                 peak = max(peak, out.peak_bytes)

@@ -612,31 +612,6 @@ def test_a_one_shot_steps_on_its_own_torch_threads_and_sessions_on_the_engines(d
     assert first["num_pages"] == 1 and last["num_pages"] == one["num_pages"] == 12
 
 
-def test_a_one_shot_beside_another_document_keeps_the_engines_threads(dev_models):
-    """oneshot_torch_threads only while the one-shot is the only document its
-    engine reads: beside others the extra threads would compete for their cores."""
-    here = torch.get_num_threads()
-    seen: list[int] = []
-    eng = make_engine(dev_models, "bsbr", torch_threads=1, oneshot_torch_threads=2, oneshot_segment_tokens=128)
-    real = eng.model.step_many
-    eng.model.step_many = lambda ids, states: (seen.append(torch.get_num_threads()), real(ids, states))[1]
-    pages = document(6, words_per_page=20, seed=4)
-    async def go():
-        eng.batcher.active_requests += 1  # another document is being read meanwhile
-        beside = await eng.classify(pages=pages)
-        n_beside = len(seen)
-        eng.batcher.active_requests -= 1
-        return beside, n_beside, await eng.classify(pages=pages)
-
-    try:
-        beside, n_beside, alone = run(go())
-    finally:
-        eng.shutdown()
-        torch.set_num_threads(here)
-    assert n_beside > 1 and seen[:n_beside] == [1] * n_beside and set(seen[n_beside:]) == {2}
-    assert (as_tensor(eng.labels, beside["logits"]) - as_tensor(eng.labels, alone["logits"])).abs().max() <= 1e-5
-
-
 def test_the_torch_threads_count_is_set_by_a_threads_first_batch_and_on_changes_only(dev_models, monkeypatch):
     """A new torch thread (each after an idle spell) sets its count before its first
     batch, whatever count torch would start it with; later batches set nothing
