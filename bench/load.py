@@ -594,6 +594,12 @@ def run(a: argparse.Namespace) -> dict:
     if a.url:
         url, metrics_url, root_pid = a.url.rstrip("/"), a.metrics_url, a.server_pid
         result["server"] = {"url": url, "metrics_url": metrics_url, "started_here": False}
+        if root_pid:  # what the server was started with: its flags are part of the result
+            try:
+                argv = Path(f"/proc/{root_pid}/cmdline").read_bytes().split(b"\0")
+                result["server"]["command"] = shlex.join(x.decode(errors="replace") for x in argv if x)
+            except OSError:
+                pass
     else:
         print("starting bsbr-serve up ...", flush=True)
         server = Server(a.models_dir, a.config, a.ready_timeout_s, a.replicas)
