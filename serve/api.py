@@ -390,20 +390,21 @@ class ApiServer:
             request.state.replica = reply.replica
         return reply.result
 
-    async def _model_of(self, session_id: str, request: Request) -> str:
-        """The model that owns a session (sessions never change model)."""
+    async def _model_of(self, session_id: str, request: Request, for_page: bool = False) -> str:
+        """The model that owns a session (sessions never change model); `for_page`:
+        for a page request, which will resume the session where it is not hot."""
         if not _is_session_id(session_id):
             raise SessionNotFound(f"session {session_id!r} not found (ids are 32 hex characters)")
         model = self._session_model.get(session_id)
         if model is None:
-            model = await self._lookup_model(session_id)
+            model = await self._lookup_model(session_id, for_page)
             self._session_model[session_id] = model
             while len(self._session_model) > 100_000:
                 self._session_model.popitem(last=False)
         request.state.model = model
         return model
 
-    async def _lookup_model(self, session_id: str) -> str:
+    async def _lookup_model(self, session_id: str, for_page: bool = False) -> str:
         if self.cfg.sessions.store != "memory":
             return (await self.store.head(session_id))["model"]
         # A per-replica store: only the model replicas know their sessions.
@@ -497,12 +498,12 @@ class ApiServer:
         same seq again returns its stored answer; a gap is 409."""
         if _body_type(request) == PDF_MEDIA_TYPE:
             seq = _for_pdf(seq, "seq")
-            model = await self._model_of(session_id, request)
+            model = await self._model_of(session_id, request, for_page=True)
             text, pages = None, await self._pdf_pages(request)
         else:
             _not_for_json(seq, "seq")
             body = await _json_body(request, schemas.PagesRequest)
-            model = await self._model_of(session_id, request)
+            model = await self._model_of(session_id, request, for_page=True)
             seq, text, pages = body.seq, body.text, body.pages
         result = self._result(await self._client(model).append(session_id, seq, text, pages, "session"), request)
         return self._with_replica(result, request)
@@ -641,6 +642,17 @@ class FusedApiServer(ApiServer):
     def _client(self, model: str, request: Request | None = None) -> EngineClient:
         self._start_upkeep()
         return super()._client(model, request)
+
+    async def _lookup_model(self, session_id: str, for_page: bool = False) -> str:
+        """For a page: one store load instead of a head, handed to the engine that owns
+        the session (Engine.preloaded), which would otherwise load it again to resume."""
+        if not for_page or self.cfg.sessions.store == "memory":
+            return await super()._lookup_model(session_id, for_page)
+        meta, chain = await self.store.load(session_id)
+        engine = self.engines.get(meta["model"])
+        if engine is not None:
+            engine.preloaded(session_id, (meta, chain))
+        return meta["model"]
 
     async def check_health(self) -> None:
         self._start_upkeep()

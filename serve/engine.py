@@ -406,6 +406,11 @@ TOKENIZE_INLINE_CHARS = 16384
 # Engine.release_memory: trim the heap once this much hot state was dropped, at most this often.
 TRIM_MIN_BYTES = 64 << 20
 TRIM_INTERVAL_S = 10.0
+# How long a store load that a fused ingress made for a session's page
+# (Engine.preloaded) stands in for the engine's own; the page's request uses
+# it within microseconds, so anything older belongs to a request that went
+# elsewhere (or failed before reaching the engine).
+PRELOADED_FRESH_S = 1.0
 
 
 class Engine:
@@ -458,6 +463,9 @@ class Engine:
         self.text = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tokenize-{name}")  # _tokenized
         self.tokenize_inline_chars = TOKENIZE_INLINE_CHARS
         self.hot: OrderedDict[str, HotSession] = OrderedDict()
+        # session id -> (when, (meta, chain)): store loads made for a page by the fused ingress.
+        self._preloaded: OrderedDict[str, tuple[float, tuple[dict[str, Any], list[bytes] | None]]] = OrderedDict()
+        self.preloaded_fresh_s = PRELOADED_FRESH_S
         self.hot_bytes = 0
         self._locks: dict[str, asyncio.Lock] = {}
         self._card = model_card(spec.path)
@@ -624,9 +632,27 @@ class Engine:
             "timing": {"page_ms": [], "total_ms": 0.0}, "expires_in_s": meta["expires_in_s"], "final": False,
         }
 
+    def preloaded(self, sid: str, loaded: tuple[dict[str, Any], list[bytes] | None]) -> None:
+        """`store.load(sid)`'s answer, just made by the fused ingress of this replica to
+        find the session's model for a page request: the page resumes from it
+        (`_resume`) instead of loading again, so a page that reaches a replica that
+        does not hold its session hot (a new session's first page, hashed to the other
+        replica than the one that created it) pays one store round trip, not two. Used
+        once, within `preloaded_fresh_s`; a concurrent commit elsewhere is caught by
+        the commit's compare-and-set as with any load."""
+        now = time.monotonic()
+        while self._preloaded and now - next(iter(self._preloaded.values()))[0] >= self.preloaded_fresh_s:
+            self._preloaded.popitem(last=False)
+        self._preloaded.pop(sid, None)
+        self._preloaded[sid] = (now, loaded)
+
     async def _resume(self, sid: str, seq: int):
         """(state, num_pages, ttl, stored answer if seq is a repeat, resume source, chain sizes) from the store."""
-        meta, chain = await self.store.load(sid)
+        got = self._preloaded.pop(sid, None)
+        if got is not None and time.monotonic() - got[0] < self.preloaded_fresh_s:
+            meta, chain = got[1]
+        else:
+            meta, chain = await self.store.load(sid)
         self._check_owner(meta)
         ttl_s = meta["ttl_s"]
         if seq < meta["next_seq"]:
@@ -656,6 +682,7 @@ class Engine:
             hot = self.hot.get(session_id)
             source: str | None = "hot"
             if hot is not None and hot.next_seq == seq:
+                self._preloaded.pop(session_id, None)  # not needed: the state is here
                 state, num_pages, ttl_s, chain_bytes = hot.state, hot.num_pages, hot.ttl_s, hot.chain_bytes
             else:
                 state, num_pages, ttl_s, repeat, source, chain_bytes = await self._resume(session_id, seq)
@@ -771,6 +798,8 @@ class Engine:
             self._drop_hot(sid)
         for sid in [s for s, lock in self._locks.items() if s not in self.hot and not lock.locked()]:
             self._locks.pop(sid, None)
+        for sid in [s for s, (t, _) in self._preloaded.items() if now - t >= self.preloaded_fresh_s]:
+            self._preloaded.pop(sid, None)
         return len(dead)
 
 

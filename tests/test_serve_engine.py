@@ -612,6 +612,63 @@ def test_a_one_shot_steps_on_its_own_torch_threads_and_sessions_on_the_engines(d
     assert first["num_pages"] == 1 and last["num_pages"] == one["num_pages"] == 12
 
 
+def test_a_page_resumes_from_the_fused_ingress_load_and_a_stale_one_is_caught_by_the_commit(dev_models):
+    """Engine.preloaded: the store load a fused ingress made to find a session's model
+    (a page on a replica that does not hold the session hot) is the one the page
+    resumes from, with the answer of a page read where the session was created;
+    one older than preloaded_fresh_s is not used; a hot page drops it; and one that
+    another replica's commit made stale gives that replica's stored answer (the
+    commit's compare-and-set), nothing applied twice."""
+    store = MemorySessionStore()
+    loads = []
+    real_load = store.load
+
+    async def counted_load(sid):
+        loads.append(sid)
+        return await real_load(sid)
+
+    store.load = counted_load
+    a = make_engine(dev_models, "bsbr", store=store)  # the replica that creates the sessions
+    b = make_engine(dev_models, "bsbr", store=store)  # the one their pages are hashed to
+    pages = document(3, seed=11)
+
+    async def go():
+        ref = (await a.create_session())["session_id"]
+        want = await a.append(ref, 0, pages=[pages[0]])
+        sid = (await a.create_session())["session_id"]
+        b.preloaded(sid, await real_load(sid))
+        n = len(loads)
+        got = await b.append(sid, 0, pages=[pages[0]])
+        no_second_load = len(loads) == n
+        b.preloaded(sid, await real_load(sid))
+        await b.append(sid, 1, pages=[pages[1]])  # hot here: the preload is dropped unused
+        dropped = sid not in b._preloaded
+
+        old = (await a.create_session())["session_id"]
+        b.preloaded_fresh_s = 0.0
+        b.preloaded(old, await real_load(old))
+        n = len(loads)
+        await b.append(old, 0, pages=[pages[0]])
+        loaded_itself = loads[n:] == [old]
+        b.preloaded_fresh_s = 1.0
+
+        raced = (await a.create_session())["session_id"]
+        b.preloaded(raced, await real_load(raced))  # next_seq 0 ...
+        first = await a.append(raced, 0, pages=[pages[2]])  # ... then a commits seq 0
+        again = await b.append(raced, 0, pages=[pages[2]])
+        head = await store.head(raced)
+        return want, got, no_second_load, dropped, loaded_itself, first, again, head
+
+    try:
+        want, got, no_second_load, dropped, loaded_itself, first, again, head = run(go())
+    finally:
+        a.shutdown()
+        b.shutdown()
+    assert no_second_load and got["logits"] == want["logits"] and got["num_pages"] == 1
+    assert dropped and loaded_itself
+    assert again == first and head["next_seq"] == 1
+
+
 def test_the_torch_threads_count_is_set_by_a_threads_first_batch_and_on_changes_only(dev_models, monkeypatch):
     """A new torch thread (each after an idle spell) sets its count before its first
     batch, whatever count torch would start it with; later batches set nothing
