@@ -54,6 +54,9 @@ pages each, one after the other (`page1_sessions`: the median of their page
 1's request over step): the streamed documents give only `--stream-repeats`
 samples of it.
 
+`--redis-url URL` keeps the sessions in that running Redis (`sessions.store:
+redis`) instead of the default store actor; the JSON's `sessions` says which.
+
 The JSON records the load average before and after the run (`loadavg`):
 figures taken on a loaded machine are only comparable side by side.
 
@@ -349,7 +352,8 @@ class Bench:
         self.results: dict = {"command": " ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
                               "machine": machine(),
                               "loadavg": {"before": list(os.getloadavg())},
-                              "code": git_revision()}  # at the start: what the servers run
+                              "code": git_revision(),  # at the start: what the servers run
+                              "sessions": "redis" if getattr(args, "redis_url", None) else "ray_actor"}
 
     # --- setup ---------------------------------------------------------------------------
 
@@ -379,7 +383,9 @@ class Bench:
                   **({"num_replicas": replicas} if topology == "split" else {})}
         return {
             "models": [{"name": n, "path": str(root / n), **common} for n in ("bsbr", "standard")],
-            "sessions": {"max_store_bytes": 16 << 30, "store_name": f"bench_store_{os.getpid()}"},
+            "sessions": {"max_store_bytes": 16 << 30, "store_name": f"bench_store_{os.getpid()}",
+                         **({"store": "redis", "redis_url": self.args.redis_url}
+                            if getattr(self.args, "redis_url", None) else {})},
             "http": {"max_body_bytes": 64 << 20},
             "ingress": {"ray_actor_options": {"num_cpus": 0.5},
                         **({"num_replicas": replicas} if topology == "fused" else {})},
@@ -868,6 +874,8 @@ def main() -> int:
                    help="comma-separated RxT or RxT/O: serve each topology with R replicas of T torch threads each "
                         "(fused: the ingress's replicas, split: each model's), one-shots on O threads; "
                         "default one replica with every core")
+    p.add_argument("--redis-url", default=None,
+                   help="sessions in this (running) Redis instead of the ray_actor store (recorded as `sessions`)")
     p.add_argument("--page1-sessions", type=int, default=12,
                    help="more sessions of 2 pages for the page-1 figure (`page1_sessions`)")
     p.add_argument("--stream-repeats", type=int, default=3, help="streamed documents per model (medians)")

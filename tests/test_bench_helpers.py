@@ -160,12 +160,17 @@ def test_serve_latency_layouts_place_replicas_and_threads_where_the_topology_run
         assert cfg.topology == topology
         assert [m.torch_threads for m in cfg.models] == [threads, threads]
         assert [m.oneshot_torch_threads for m in cfg.models] == [oneshot, oneshot]
+        assert cfg.sessions.store == "ray_actor"
         if topology == "split":
             assert [m.num_replicas for m in cfg.models] == [replicas, replicas]
             assert cfg.ingress.num_replicas == 1
         else:
             assert cfg.ingress.num_replicas == replicas
             assert [m.num_replicas for m in cfg.models] == [1, 1]
+    redis = Bench(argparse.Namespace(stream_pages=200, page_tokens=512, redis_url="redis://127.0.0.1:6390/0"))
+    cfg = AppConfig.model_validate(redis.app_args(tmp_path, topology, (2, 1, 2)))
+    assert (cfg.sessions.store, cfg.sessions.redis_url) == ("redis", "redis://127.0.0.1:6390/0")
+    assert redis.results["sessions"] == "redis" and bench.results["sessions"] == "ray_actor"
 
 
 def test_page_overhead_takes_medians_of_request_minus_step_over_all_pages_and_page_one():
