@@ -641,10 +641,14 @@ class Engine:
         once, within `preloaded_fresh_s`; a concurrent commit elsewhere is caught by
         the commit's compare-and-set as with any load."""
         now = time.monotonic()
-        while self._preloaded and now - next(iter(self._preloaded.values()))[0] >= self.preloaded_fresh_s:
-            self._preloaded.popitem(last=False)
+        self._expire_preloaded(now)
         self._preloaded.pop(sid, None)
         self._preloaded[sid] = (now, loaded)
+
+    def _expire_preloaded(self, now: float) -> None:
+        """Forget preloads older than preloaded_fresh_s (oldest first: they are kept in insertion order)."""
+        while self._preloaded and now - next(iter(self._preloaded.values()))[0] >= self.preloaded_fresh_s:
+            self._preloaded.popitem(last=False)
 
     async def _resume(self, sid: str, seq: int):
         """(state, num_pages, ttl, stored answer if seq is a repeat, resume source, chain sizes) from the store."""
@@ -798,8 +802,7 @@ class Engine:
             self._drop_hot(sid)
         for sid in [s for s, lock in self._locks.items() if s not in self.hot and not lock.locked()]:
             self._locks.pop(sid, None)
-        for sid in [s for s, (t, _) in self._preloaded.items() if now - t >= self.preloaded_fresh_s]:
-            self._preloaded.pop(sid, None)
+        self._expire_preloaded(now)
         return len(dead)
 
 
